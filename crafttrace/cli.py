@@ -1,0 +1,242 @@
+"""`crafttrace` command line: a thin shell over the library, one subcommand per pipeline stage.
+
+Every stage writes JSON / safetensors records into ``--out DIR`` (a run directory). Model specs:
+a preset (``smollm2-135m-instruct``, ``gemma-3-270m``), a local HF directory, a GGUF file, a hub id,
+or ``testbed`` / ``testbed:SEED`` for the embedded synthetic testbed (which brings its own CLT).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Circuit-level refusal research: CLT attribution, CRaFT ranking, steering, audits.")
+data_app = typer.Typer(no_args_is_help=True, help="Named data sets (licences shown).")
+testbed_app = typer.Typer(no_args_is_help=True, help="The synthetic ground-truth testbed.")
+app.add_typer(data_app, name="data")
+app.add_typer(testbed_app, name="testbed")
+
+MODEL = typer.Option("testbed", "--model", "-m", help="preset, local dir, GGUF file, hub id, or testbed[:SEED]")
+TRANSCODER = typer.Option(None, "--transcoder", "-t", help="transcoder dir or hub id (testbed: its own CLT)")
+OUT = typer.Option(Path("runs/latest"), "--out", "-o", help="run directory")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def load(model: str, transcoder: Optional[str] = None, need_transcoder: bool = True):
+    """(LoadedModel, transcoder or None) for a model spec; testbed specs carry their CLT."""
+    if model == "testbed" or model.startswith("testbed:"):
+        from .testbed import load_testbed
+        seed = int(model.split(":", 1)[1]) if ":" in model else 0
+        loaded, clt = load_testbed(seed)
+        if transcoder:
+            from .transcoders import load_transcoder
+            clt = load_transcoder(transcoder)
+        return loaded, clt
+    from .models import load_model
+    loaded = load_model(model)
+    if transcoder is None:
+        if need_transcoder:
+            _fail(f"--transcoder is required for model {model!r}")
+        return loaded, None
+    from .transcoders import load_transcoder, validate_transcoder
+    clt = load_transcoder(transcoder)
+    validate_transcoder(clt, loaded.model)
+    return loaded, clt
+
+
+def _parse_feature(spec: str) -> tuple[int, int]:
+    try:
+        layer, index = spec.replace(":", "/").split("/")
+        return int(layer), int(index)
+    except ValueError:
+        _fail(f"feature must look like LAYER/INDEX (e.g. 2/17), got {spec!r}")
+        raise
+
+
+def _config(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    if not path.exists():
+        _fail(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+# --------------------------------------------------------------------------- stages
+
+@app.command()
+def tokens(model: str = MODEL, token_set: str = typer.Option("strict", "--set", help="strict | extended | testbed | "
+           "FILE.json | 'refusal=a|b;compliance=c|d'"), out: Path = OUT):
+    """Resolve refusal/compliance token sets to first-token ids."""
+    from . import runs
+    from .tokens import resolve
+    loaded, _ = load(model, None, need_transcoder=False)
+    ts = resolve(loaded.tokenizer, token_set)
+    runs.write_json(out / "tokens.json", ts.to_json())
+    typer.echo(json.dumps(ts.to_json(), indent=1))
+
+
+@app.command("boundary")
+def boundary_cmd(model: str = MODEL, pool: str = typer.Option("testbed:framed_harmful", help="data set name or file"),
+                 sets: str = typer.Option("testbed", help="comma-separated token sets, e.g. strict,extended"),
+                 top_k: Optional[int] = typer.Option(None), min_refuse: float = 0.2, min_comply: float = 0.2,
+                 limit: Optional[int] = typer.Option(None, help="score only the first N prompts"), out: Path = OUT):
+    """Score a harmful pool and select boundary-critical prompts (per token set, with overlaps)."""
+    from . import boundary, runs
+    from .ablation import _pool
+    from .tokens import resolve
+    loaded, _ = load(model, None, need_transcoder=False)
+    recs = _pool(pool, 0)[:limit]
+    tss = [resolve(loaded.tokenizer, s) for s in sets.split(",")]
+    scored = boundary.score_pool(loaded, [r["prompt"] for r in recs], tss)
+    results = {}
+    for ts, sc in zip(tss, scored):
+        try:
+            results[ts.name] = boundary.select(sc, ts.name, top_k=top_k, min_refuse=min_refuse, min_comply=min_comply)
+        except boundary.NoBoundaryPromptError as e:
+            _fail(str(e))
+    names = list(results)
+    doc = {"pool": pool, "sets": {n: r.to_json() for n, r in results.items()},
+           "overlaps": [boundary.overlap(results[a], results[b]) for i, a in enumerate(names) for b in names[i + 1:]]}
+    runs.write_json(out / "boundary.json", doc)
+    for n, r in results.items():
+        typer.echo(f"{n}: {json.dumps(r.stats())}")
+    for o in doc["overlaps"]:
+        typer.echo(f"overlap {o['a']} vs {o['b']}: {o['n_both']} shared, jaccard {o['jaccard']:.2f}")
+
+
+@app.command()
+def attribute(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
+              prompt: list[str] = typer.Option([], "--prompt", "-p", help="user prompt(s); default: boundary.json"),
+              token_set: str = typer.Option("testbed", "--set"), max_feature_nodes: int = 512,
+              path: str = typer.Option("graph", help="graph (circuit-tracer) or grad (fast path)"), out: Path = OUT):
+    """Attribution graphs to the refusal/compliance logits; effects cached in OUT/effects."""
+    from . import attribution, runs
+    from .tokens import resolve
+    loaded, clt = load(model, transcoder)
+    if not prompt:
+        b = runs.read_json(out / "boundary.json")
+        sets = b["sets"] if "sets" in b else {b["token_set"]: b}
+        sel = next(iter(sets.values()))
+        prompt = [sel["scores"][i]["prompt"] for i in sel["selected"]]
+    ts = resolve(loaded.tokenizer, token_set)
+    ids = [loaded.encode_prompt(p)[0] for p in prompt]
+    if path == "graph":
+        effs = attribution.attribute_graphs(loaded, clt, ids, ts, attribution.AttributionSettings(max_feature_nodes),
+                                            out / "effects", cache_key=model)
+    else:
+        effs = attribution.gradient_effects(loaded, clt, ids, ts)
+    summary = []
+    for p, e in zip(prompt, effs):
+        top = e.total.abs().argsort(descending=True)[:5]
+        summary.append({"prompt": p, "logit_diff": e.logit_diff, "n_active": len(e.features),
+                        "graph": e.meta.get("graph"),
+                        "top": [{"layer": int(e.features[j, 0]), "pos": int(e.features[j, 1]),
+                                 "index": int(e.features[j, 2]), "effect": float(e.total[j])} for j in top]})
+    runs.write_json(out / "attribution.json", {"path": path, "prompts": summary})
+    typer.echo(f"{len(effs)} prompts attributed; summary in {out / 'attribution.json'}")
+
+
+@app.command()
+def rank(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
+         config: Optional[Path] = typer.Option(None, help="YAML/JSON ablation config (pools, sizes)"), out: Path = OUT):
+    """Rank features in all four modes (writes ranking.json); the ablation command does this and more."""
+    _run_ablation(model, transcoder, config, out, rank_only=True)
+
+
+@app.command("steer")
+def steer_cmd(feature: str = typer.Argument(..., help="LAYER/INDEX"),
+              value: float = typer.Option(0.0, help="clamp value, or multiplier with --mode scale"),
+              mode: str = typer.Option("clamp"), prompt: str = typer.Option(..., "--prompt", "-p"),
+              model: str = MODEL, transcoder: Optional[str] = TRANSCODER, max_new_tokens: int = 32,
+              out: Path = OUT):
+    """Generate with and without one steered feature (forward hooks on the plain model)."""
+    from . import runs
+    from .ablation import generate
+    from .steering import FeatureSteer, steer
+    loaded, clt = load(model, transcoder)
+    layer, index = _parse_feature(feature)
+    spec = FeatureSteer(layer, index, mode, value)
+    base = generate(loaded, [prompt], max_new_tokens)[0]
+    with steer(loaded.model, clt, [spec]):
+        steered = generate(loaded, [prompt], max_new_tokens)[0]
+    runs.write_json(out / "steer.json", {"feature": [layer, index], "mode": mode, "value": value,
+                                         "prompt": prompt, "base": base[:200], "steered": steered[:200]})
+    typer.echo(f"base:    {base}\nsteered: {steered}")
+
+
+@app.command()
+def ablation(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
+             config: Optional[Path] = typer.Option(None, help="YAML/JSON file with AblationConfig fields"),
+             influence_path: Optional[str] = typer.Option(None, help="graph | grad"), out: Path = OUT):
+    """The activation-vs-influence ablation table in one command."""
+    _run_ablation(model, transcoder, config, out, influence_path=influence_path)
+
+
+def _run_ablation(model, transcoder, config, out, rank_only=False, influence_path=None, extra=None):
+    from .ablation import AblationConfig, render_markdown, run_ablation
+    d = _config(config)
+    d.update(extra or {})
+    if influence_path:
+        d["influence_path"] = influence_path
+    if not (model == "testbed" or model.startswith("testbed:")):
+        d.setdefault("capability", "mmlu")
+        d.setdefault("token_set", "extended")
+    cfg = AblationConfig.from_dict(d)
+    loaded, clt = load(model, transcoder)
+    res = run_ablation(loaded, clt, cfg, out, cache_key=f"{model}|{transcoder}", rank_only=rank_only)
+    if not rank_only:
+        typer.echo(render_markdown(res))
+    typer.echo(f"wrote {out}")
+    return res
+
+
+@app.command()
+def demo(out: Path = OUT, seed: int = typer.Option(0, help="testbed seed (0 is shipped in transcoders/)"),
+         influence_path: str = typer.Option("graph", help="graph | grad")):
+    """Run the whole pipeline on the embedded synthetic testbed, offline, in well under a minute."""
+    import time
+    t = time.time()
+    _run_ablation(f"testbed:{seed}", None, None, out, influence_path=influence_path)
+    typer.echo(f"demo finished in {time.time() - t:.1f} s")
+
+
+@data_app.command("list")
+def data_list():
+    """Named data sets, their sizes and licences."""
+    from .data import list_datasets
+    for row in list_datasets():
+        r = row if isinstance(row, dict) else row.__dict__
+        typer.echo(f"{r['name']:<18} {str(r.get('kind', '')):<11} {str(r.get('items', '')):>6}  {r.get('licence', '')}")
+
+
+@testbed_app.command("build")
+def testbed_build(seed: int = 0, out: Optional[Path] = typer.Option(None, help="default: the testbed cache")):
+    """Rebuild the synthetic testbed (model + CLT) deterministically from a seed."""
+    from .testbed import build_testbed
+    path = build_testbed(seed, out)
+    typer.echo(f"testbed seed {seed} written to {path}")
+
+
+def main():  # pragma: no cover
+    try:
+        app()
+    except (ValueError, FileNotFoundError, IndexError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
