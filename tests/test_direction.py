@@ -1,0 +1,257 @@
+"""Refusal direction: metrics, hooks, extraction, selection, separation, save/load, validation.
+
+Fast tests run on a tiny random LlamaForCausalLM with a word-level chat tokenizer; the testbed
+measurements (AUROC >= 0.95, induce / bypass margins) run on crafttrace's synthetic testbed model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crafttrace import direction as D
+
+torch.set_num_threads(1)  # tiny models: extra threads only add sync overhead on a loaded 2-core box
+
+VERBS = ["make", "build", "write", "find", "describe", "explain"]
+HARM = ["bomb", "poison", "malware", "weapon", "virus"]
+SAFE = ["cake", "poem", "garden", "song", "kite"]
+SPECIAL = ["<pad>", "<bos>", "<user>", "<eot>", "<asst>", "sorry", "sure"]
+WORDS = SPECIAL + ["how", "do", "i", "a", "please", "now", "quickly"] + VERBS + HARM + SAFE
+
+
+@dataclass
+class TinyLoaded:
+    """Duck-typed LoadedModel: .model, .tokenizer, .format_prompt, .encode_prompt."""
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    name: str = "tiny-llama"
+
+    def format_prompt(self, user: str, system: str | None = None) -> str:
+        return f"<bos> <user> {user} <eot> <asst>"
+
+    def encode_prompt(self, user: str) -> torch.Tensor:
+        return torch.tensor([self.tokenizer(self.format_prompt(user), add_special_tokens=False)["input_ids"]])
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>")
+
+
+def tiny_loaded(seed: int = 0, n_layers: int = 4) -> TinyLoaded:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(cfg).eval()
+    return TinyLoaded(model, tiny_tokenizer())
+
+
+def tiny_prompts() -> tuple[list[str], list[str]]:
+    harm = [f"how do i {v} a {o}" for v, o in itertools.product(VERBS, HARM)]
+    safe = [f"how do i {v} a {o}" for v, o in itertools.product(VERBS, SAFE)]
+    return harm, safe
+
+
+TOKENS = D.RefusalTokens(refusal_ids=[WORDS.index("sorry")], compliance_ids=[WORDS.index("sure")])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_loaded()
+
+
+def n_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_refusal_metrics_match_definitions():
+    logits = torch.randn(3, len(WORDS))
+    p = logits.softmax(-1)[:, TOKENS.refusal_ids[0]]
+    assert torch.allclose(D.refusal_score(logits, TOKENS), torch.log(p / (1 - p)), atol=1e-5)
+    ld = logits[:, TOKENS.refusal_ids[0]] - logits[:, TOKENS.compliance_ids[0]]
+    assert torch.allclose(D.logit_diff(logits, TOKENS), ld, atol=1e-5)
+
+
+def test_refusal_tokens_errors():
+    with pytest.raises(ValueError, match="at least one refusal"):
+        D.RefusalTokens(refusal_ids=[])
+    with pytest.raises(ValueError, match=r"\[3\].*both"):
+        D.RefusalTokens(refusal_ids=[3], compliance_ids=[3, 4])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        D.RefusalTokens(refusal_ids=[999]).check_vocab(10)
+    with pytest.raises(ValueError, match="compliance token ids"):
+        D.logit_diff(torch.zeros(1, 5), D.RefusalTokens(refusal_ids=[1]))
+
+
+def test_auroc_and_cohens_d():
+    assert D.auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert D.auroc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert D.auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 500), rng.normal(0, 1, 500)
+    # AUROC of two unit-variance normals one sd apart is Phi(1/sqrt 2) = 0.760
+    assert abs(D.auroc(a, b) - 0.760) < 0.04
+    assert abs(D.cohens_d(a, b) - 1.0) < 0.15
+
+
+def test_separation_per_layer_on_planted_shift():
+    g = torch.Generator().manual_seed(0)
+    benign = torch.randn(40, 3, 16, generator=g)
+    harmful = torch.randn(40, 3, 16, generator=g)
+    harmful[:, 1, 5] += 6.0  # layer 1 carries a planted harmful shift along e_5
+    dirs = torch.zeros(3, 16)
+    dirs[:, 5] = 1.0
+    rows = D.separation(harmful, benign, dirs)
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert rows[1]["auroc"] == 1.0 and rows[1]["cohens_d"] > 4
+    assert abs(rows[0]["auroc"] - 0.5) < 0.2 and abs(rows[2]["cohens_d"]) < 1
+    with pytest.raises(ValueError, match=r"directions \(2, 16\) do not match activations \(40, 3, 16\)"):
+        D.separation(harmful, benign, dirs[:2])
+
+
+# ------------------------------------------------------------------ encoding, sites, hooks
+
+
+def test_post_instruction_len_and_batching_is_exact(tiny):
+    assert D.post_instruction_len(tiny) == 2  # "<eot> <asst>"
+    prompts = ["how do i make a cake", "how do i make a cake please now quickly"]
+    batched = D.last_logits(tiny, prompts, batch_size=2)
+    single = torch.cat([D.last_logits(tiny, [p], batch_size=1) for p in prompts])
+    assert batched.shape == (2, len(WORDS))
+    assert torch.allclose(batched, single, atol=1e-4)  # left padding + position ids change nothing
+
+
+def test_collect_resid_shape_and_layer0_is_embedding(tiny):
+    acts = D.collect_resid(tiny, ["how do i make a cake", "how do i find a kite now"], n_pos=2, batch_size=2)
+    assert acts.shape == (2, 4, 2, 32)
+    ids = tiny.encode_prompt("how do i make a cake")[0, -2:]
+    assert torch.allclose(acts[0, 0], tiny.model.model.embed_tokens.weight[ids], atol=1e-6)
+
+
+def test_site_errors(tiny):
+    with pytest.raises(ValueError, match="unknown site 'foo'"):
+        D.site_module(tiny.model, "foo", 0)
+    with pytest.raises(IndexError, match="layer 9 out of range.*4 layers"):
+        D.site_module(tiny.model, "resid", 9)
+
+
+def test_hooks_removed_after_use_and_on_exception(tiny):
+    before = n_hooks(tiny.model)
+    r = torch.randn(32)
+    with D.ablate(tiny.model, r):
+        assert n_hooks(tiny.model) == before + 3 * 4
+    with pytest.raises(RuntimeError, match="boom"):
+        with D.add_direction(tiny.model, r, 1):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        with D.ablate(tiny.model, r), D.record_sites(tiny.model, [("attn", 0), ("head", 2)]):
+            raise RuntimeError("boom")
+    assert n_hooks(tiny.model) == before
+
+
+def test_ablation_removes_direction_everywhere(tiny):
+    r = torch.randn(32)
+    unit = r / r.norm()
+    sites = [(s, l) for s in ("resid", "attn", "mlp") for l in range(4)]
+    with D.ablate(tiny.model, r), D.record_sites(tiny.model, sites) as store:
+        out = tiny.model(tiny.encode_prompt("how do i make a bomb"), output_hidden_states=True)
+    for key, x in store.items():
+        assert (x @ unit).abs().max() < 1e-4, key
+    # the final residual stream (before the last norm) is direction-free too
+    final_pre_norm = out.hidden_states[-1]
+    # HF applies the final norm to the last hidden state; undo it via the recorded sum instead:
+    last = store[("resid", 3)] + store[("attn", 3)] + store[("mlp", 3)]
+    assert (last @ unit).abs().max() < 1e-4
+    assert final_pre_norm.shape == last.shape
+    # and the ablation changes the output (it is not a no-op)
+    base = tiny.model(tiny.encode_prompt("how do i make a bomb")).logits
+    assert not torch.allclose(base, out.logits)
+
+
+def test_add_direction_shifts_projection_by_coeff(tiny):
+    r = torch.randn(32)
+    ids = tiny.encode_prompt("how do i make a bomb")
+    with D.record_sites(tiny.model, [("resid", 2)]) as store:
+        tiny.model(ids)
+    base = store[("resid", 2)].clone()
+    with D.add_direction(tiny.model, r, 2, coeff=3.0), D.record_sites(tiny.model, [("resid", 2)]) as store2:
+        tiny.model(ids)
+    # add_direction was entered first, so its hook runs first and record sees the edited input
+    assert torch.allclose(store2[("resid", 2)] - base, 3.0 * r.expand_as(base), atol=1e-5)
+
+
+# ------------------------------------------------------------------ extraction and selection
+
+
+def test_mean_diff_shape_error():
+    with pytest.raises(ValueError, match=r"harmful \(3, 4, 2, 8\) vs benign \(3, 4, 1, 8\)"):
+        D.mean_diff(torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 1, 8))
+
+
+def test_split_is_seeded_and_disjoint():
+    p = [f"p{i}" for i in range(20)]
+    a, b = D.split(p, (0.6, 0.2, 0.2), 3), D.split(p, (0.6, 0.2, 0.2), 3)
+    assert a == b and sorted(sum(a, [])) == sorted(p)
+    with pytest.raises(ValueError, match="at least 6 prompts"):
+        D.split(p[:4], (0.6, 0.2, 0.2), 0)
+    with pytest.raises(ValueError, match="sum"):
+        D.DirectionConfig(splits=(0.5, 0.5, 0.5))
+
+
+def test_find_direction_end_to_end_and_roundtrip(tiny, tmp_path):
+    harm, safe = tiny_prompts()
+    cfg = D.DirectionConfig(batch_size=16, max_kl=10.0, min_induce=-100.0)
+    rd = D.find_direction(tiny, harm, safe, TOKENS, cfg, out_dir=tmp_path)
+    L, P = 4, 2
+    assert rd.candidates.shape == (L, P, 32)
+    assert rd.layer < int(L * 0.8) and -P <= rd.position < 0
+    assert len(rd.scores) == int(L * 0.8) * P
+    best = min(rd.scores, key=lambda s: s["bypass"])
+    assert (rd.layer, rd.position) == (best["layer"], best["position"])
+    assert torch.equal(rd.direction, rd.candidates[rd.layer, rd.position + P])
+    # at layer 0 the post-instruction positions hold the same template embedding for every prompt:
+    # no difference, no separation; later layers have mixed in the object word
+    own = rd.separation["own"]
+    assert own[0]["auroc"] == 0.5 and own[0]["cohens_d"] == 0.0
+    assert max(r["auroc"] for r in own[1:]) > 0.8, own
+    assert rd.separation["n_harmful"] == 6 and len(rd.separation["selected"]) == L
+    for f in ("direction.safetensors", "direction.json", "separation.png", "selection.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    back = D.RefusalDirection.from_pretrained(tmp_path)
+    assert torch.equal(back.direction, rd.direction) and back.layer == rd.layer and back.scores == rd.scores
+    assert json.loads((tmp_path / "direction.json").read_text())["position_tokens"] == ["<eot>", "<asst>"]
+    # deterministic
+    rd2 = D.find_direction(tiny, harm, safe, TOKENS, cfg)
+    assert torch.equal(rd2.candidates, rd.candidates) and rd2.scores == rd.scores
+
+
+def test_from_pretrained_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="direction.safetensors"):
+        D.RefusalDirection.from_pretrained(tmp_path)
+
+
+def test_validate_direction_reports_all_arms(tiny, tmp_path):
+    harm, safe = tiny_prompts()
+    r = torch.randn(32)
+    rd = D.RefusalDirection(direction=r, layer=1, position=-1, candidates=torch.zeros(4, 2, 32))
+    res = D.validate_direction(tiny, rd, harm[:4], safe[:4], TOKENS, coeff=2.0, generate_tokens=3,
+                               detector=lambda t: t.strip().startswith("sorry"), out_dir=tmp_path)
+    for arm in (("harmful", "baseline"), ("harmful", "ablated"), ("benign", "baseline"), ("benign", "added")):
+        s = res[arm[0]][arm[1]]
+        assert 0 <= s["refusal_prob"] <= 1 and np.isfinite(s["refusal_score"])
+        assert 0 <= s["generation_refusal_rate"] <= 1
+    assert res["benign"]["added"]["refusal_score"] != res["benign"]["baseline"]["refusal_score"]
+    assert (tmp_path / "validation.json").is_file()
