@@ -81,7 +81,7 @@ _HUB_RE = re.compile(r"^(hf://)?[\w.-]+/[\w.-]+(/[^@?]*)?(@[\w./-]+)?(\?revision
 
 
 def _looks_local(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..") or os.sep == "\\" and ":" in spec
+    return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
 
 
 def _resolve_spec(spec: str | os.PathLike) -> tuple[Path, str]:
@@ -94,17 +94,18 @@ def _resolve_spec(spec: str | os.PathLike) -> tuple[Path, str]:
                 raise TranscoderFormatError(
                     f"{path} is a file; pass the transcoder directory (or its {CONFIG_NAME})")
             path = path.parent
-        return path.resolve(), str(path.resolve())
+        return path.resolve(), path.resolve().name  # scan: a name, not a machine-specific path
     if _looks_local(text) or not _HUB_RE.match(text):
         raise TranscoderNotFoundError(f"transcoder directory not found: {path}")
     return _download(text), text.removeprefix("hf://")
 
 
-def _hub_error(spec: str, e: Exception) -> TranscoderNotFoundError:
+def _hub_error(spec: str, e: Exception, top_level: bool = True) -> TranscoderNotFoundError:
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    local = f"; it is not a local path either ({Path(spec).expanduser().resolve()} does not exist)" if top_level else ""
     return TranscoderNotFoundError(
-        f"could not fetch transcoder {spec!r} from the Hugging Face hub ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). The hub is unreachable offline: copy the "
-        f"transcoder to a local directory and pass its path instead.")
+        f"could not fetch transcoder {spec!r} from the Hugging Face hub ({type(e).__name__}: {first_line})"
+        f"{local}. Offline, copy the transcoder into a local directory and pass that path.")
 
 
 def _download(spec: str) -> Path:
@@ -129,7 +130,7 @@ def _fetch_file(ref: str, base: Path) -> str:
         try:
             return download_hf_uri(ref)
         except Exception as e:
-            raise _hub_error(ref, e) from e
+            raise _hub_error(ref, e, top_level=False) from e
     p = Path(ref).expanduser()
     p = p if p.is_absolute() else base / p
     if not p.is_file():
@@ -155,7 +156,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _indexed(directory: Path, pattern: str) -> dict[int, Path]:
-    rx = re.compile(pattern.replace("{i}", r"(\d+)") + r"$")
+    rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + r"$")
     found = {int(m.group(1)): p for p in directory.iterdir() if (m := rx.match(p.name))}
     if found and sorted(found) != list(range(len(found))):
         missing = sorted(set(range(max(found) + 1)) - set(found))
@@ -193,29 +194,40 @@ def load_transcoder(spec: str | os.PathLike, device: str | torch.device = "cpu",
         if not isinstance(refs, list) or not refs:
             raise TranscoderFormatError(f"{directory / CONFIG_NAME}: 'transcoders' must be a non-empty list")
         files = {i: Path(_fetch_file(str(r), directory)) for i, r in enumerate(refs)}
-        if kind == "cross_layer_transcoder" or (kind is None and _is_gemma_scope_2_clt(files[0])):
-            return _load_gemma_scope_2_clt(files, device, dtype, lazy, scan, hooks)
-        return _load_plt(files, device, dtype, lazy, scan, hooks)
+        clt = kind == "cross_layer_transcoder" or (kind is None and _is_gemma_scope_2_clt(files[0]))
+        layout = "gemma_scope_2_clt" if clt else "plt"
+    else:
+        layout, files = _detect_layout(directory, kind)
+    loader = {"clt": _load_clt, "gemma_scope_2_clt": _load_gemma_scope_2_clt, "plt": _load_plt}[layout]
+    return _check_config(loader(files, device, dtype, lazy, scan, hooks), cfg, directory)
 
+
+def _detect_layout(directory: Path, kind: str | None) -> tuple[str, dict[int, Path]]:
     if not directory.is_dir():
         raise TranscoderNotFoundError(f"transcoder directory not found: {directory}")
-    enc = _indexed(directory, "W_enc_{i}.safetensors")
-    if enc and kind != "transcoder_set":
-        return _load_clt(directory, len(enc), device, dtype, lazy, scan, hooks)
-    layers = _indexed(directory, "layer_{i}.safetensors")
-    if layers and kind != "cross_layer_transcoder":
-        return _load_plt(layers, device, dtype, lazy, scan, hooks)
-    params = _indexed(directory, "params_layer_{i}.safetensors")
-    if params:
-        if kind == "cross_layer_transcoder" or (kind is None and _is_gemma_scope_2_clt(params[0])):
-            return _load_gemma_scope_2_clt(params, device, dtype, lazy, scan, hooks)
-        return _load_plt(params, device, dtype, lazy, scan, hooks)
+    if kind != "transcoder_set" and (enc := _indexed(directory, "W_enc_{i}.safetensors")):
+        return "clt", enc
+    if kind != "cross_layer_transcoder" and (layers := _indexed(directory, "layer_{i}.safetensors")):
+        return "plt", layers
+    if params := _indexed(directory, "params_layer_{i}.safetensors"):
+        clt = kind == "cross_layer_transcoder" or (kind is None and _is_gemma_scope_2_clt(params[0]))
+        return ("gemma_scope_2_clt" if clt else "plt"), params
     listing = sorted(p.name for p in directory.iterdir())[:12]
     raise TranscoderFormatError(
         f"{directory} holds no transcoder{f' of model_kind {kind!r}' if kind else ''}: expected "
         f"W_enc_{{i}}/W_dec_{{i}}.safetensors (CLT), layer_{{i}}.safetensors (PLT), "
         f"params_layer_{{i}}.safetensors (Gemma Scope 2) or a 'transcoders' list in {CONFIG_NAME}; "
         f"found {listing}")
+
+
+def _check_config(tc: Transcoder, cfg: dict[str, Any], directory: Path) -> Transcoder:
+    """A config.yaml written by save_transcoder records dims; a stale one next to other files is an error."""
+    found = {"n_layers": int(tc.n_layers), "d_transcoder": int(tc.d_transcoder), "d_model": _d_model(tc)}
+    bad = {k: (cfg[k], v) for k, v in found.items() if k in cfg and cfg[k] != v}
+    if bad:
+        raise TranscoderFormatError(f"{directory / CONFIG_NAME} does not match the weight files: " + ", ".join(
+            f"{k} {c} in config vs {v} in files" for k, (c, v) in bad.items()))
+    return tc
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -230,10 +242,11 @@ def _expect(path: Path, shapes: dict[str, tuple[int, ...]], key: str, shape: tup
         raise TranscoderFormatError(f"{path}: {key} has shape {list(shapes[key])}, expected {list(shape)}")
 
 
-def _load_clt(directory: Path, n_layers: int, device: torch.device, dtype: torch.dtype, lazy: bool,
+def _load_clt(enc_files: dict[int, Path], device: torch.device, dtype: torch.dtype, lazy: bool,
               scan: str, hooks: dict[str, str]) -> CrossLayerTranscoder:
     """circuit-tracer's ``load_clt`` after checking every file (it fails with bare KeyErrors), plus
     the ``W_skip_{i}`` tensors it ignores."""
+    directory, n_layers = enc_files[0].parent, len(enc_files)
     first = _shapes(directory / "W_enc_0.safetensors")
     if len(first.get("W_enc_0", ())) != 2:
         raise TranscoderFormatError(f"{directory / 'W_enc_0.safetensors'} needs a 2-D W_enc_0 "
@@ -356,6 +369,21 @@ def _activation_name(fn: Any) -> str:
                      f"'relu' and 'jump_relu' (export TopK as JumpReLU thresholds first)")
 
 
+def _plain(v: Any, key: str) -> Any:
+    """YAML-safe copy of an extra_config value (paths, tensors and numpy values become plain types)."""
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if hasattr(v, "tolist"):  # torch / numpy scalars and arrays
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, key) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x, f"{key}.{k}") for k, x in v.items()}
+    raise TypeError(f"extra_config[{key!r}] has type {type(v).__name__}, which config.yaml cannot hold")
+
+
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
@@ -392,6 +420,7 @@ def save_transcoder(tc: Transcoder, out_dir: str | os.PathLike,
     if tc.scan is not None:
         cfg["scan"] = tc.scan
     for k, v in (extra_config or {}).items():
+        v = _plain(v, k)
         if k in _STRUCTURAL_KEYS and cfg[k] != v:
             raise ValueError(f"extra_config[{k!r}]={v!r} contradicts the transcoder ({cfg[k]!r})")
         if k == "transcoders":
@@ -471,6 +500,10 @@ def validate_transcoder(tc: Transcoder, model: Any) -> None:
     cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
     m_layers, m_d = int(cfg.num_hidden_layers), int(cfg.hidden_size)
     t_layers, t_d = int(tc.n_layers), _d_model(tc)
+    if isinstance(tc, TranscoderSet):  # TranscoderSet checks d_transcoder per layer but not d_model
+        for i, t in enumerate(tc.transcoders):
+            if int(t.d_model) != t_d:
+                raise TranscoderMismatchError(f"transcoder set layer {i} has d_model {t.d_model}, layer 0 has {t_d}")
     if (t_layers, t_d) != (m_layers, m_d):
         raise TranscoderMismatchError(f"transcoder has {t_layers} layers x d_model {t_d}, "
                                       f"model has {m_layers} layers x d_model {m_d}")

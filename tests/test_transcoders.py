@@ -15,6 +15,7 @@ from circuit_tracer.transcoder.cross_layer_transcoder import (CrossLayerTranscod
 from circuit_tracer.transcoder.single_layer_transcoder import (SingleLayerTranscoder, TranscoderSet,
                                                                load_transcoder_set)
 from circuit_tracer.utils.caching import load_transcoders_from_cache
+from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
@@ -102,10 +103,11 @@ def test_circuit_tracer_reads_saved_clt(tmp_path):
     clt_no_skip = random_clt()
     clt_no_skip.W_skip = None
     assert_clt_equal(clt_no_skip, ct)  # circuit-tracer itself ignores W_skip_{i}
-    cached, cfg = load_transcoders_from_cache("local/clt", cache_dir=tmp_path, device=CPU,
-                                              lazy_decoder=False)
+    # ReplacementModel.from_pretrained's own entry point finds it as a cached hub ref
+    cached, cfg = load_transcoder_from_hub("local/clt", cache_dir=tmp_path, device=CPU)
     assert isinstance(cached, CrossLayerTranscoder) and cfg["model_kind"] == "cross_layer_transcoder"
     torch.testing.assert_close(cached.W_enc, clt.W_enc)
+    torch.testing.assert_close(cached._get_decoder_vectors(1), clt.W_dec[1])
 
 
 def test_circuit_tracer_drops_skip_but_we_do_not(tmp_path):
@@ -258,7 +260,9 @@ def test_bad_files_are_named(tmp_path):
         load_transcoder(tmp_path / "empty")
 
 
-def test_save_is_atomic_and_replaces_stale_layers(tmp_path):
+def test_save_is_atomic_and_replaces_stale_layers(tmp_path, monkeypatch):
+    import crafttrace.transcoders as T
+
     out = save_transcoder(random_clt(n_layers=4), tmp_path / "clt")
     save_transcoder(random_clt(n_layers=2), out)
     assert load_transcoder(out).n_layers == 2 and not (out / "W_enc_3.safetensors").exists()
@@ -266,14 +270,35 @@ def test_save_is_atomic_and_replaces_stale_layers(tmp_path):
     bad.activation_function = TopK(2)
     with pytest.raises(ValueError, match="only 'relu' and 'jump_relu'"):
         save_transcoder(bad, out)
-    assert load_transcoder(out).n_layers == 2  # the failed save left the old one intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clt"]
+    real_save, calls = T.save_file, []
+
+    def dying_save(tensors, path):  # a crash half-way through writing the new files
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(T, "save_file", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_transcoder(random_clt(n_layers=3, seed=5), out)
+    monkeypatch.undo()
+    assert load_transcoder(out).n_layers == 2  # the failed saves left the old one intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clt"]  # and no temp dirs
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a transcoder directory"):
         save_transcoder(random_clt(), tmp_path / "run")
     with pytest.raises(ValueError, match="contradicts"):
         save_transcoder(random_clt(), tmp_path / "x", extra_config={"n_layers": 30})
+    with pytest.raises(TypeError, match=r"extra_config\['fn'\] has type builtin_function"):
+        save_transcoder(random_clt(), tmp_path / "x", extra_config={"fn": print})
+    # plain-typed extras (paths, tensors) are converted; a stale config is caught on load
+    out = save_transcoder(random_clt(), tmp_path / "x", extra_config={"src": tmp_path, "nmse": torch.tensor([0.5])})
+    assert load_transcoder_config(out)["nmse"] == [0.5]
+    cfg = load_transcoder_config(out) | {"d_transcoder": 16}
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(TranscoderFormatError, match="d_transcoder 16 in config vs 8 in files"):
+        load_transcoder(out)
 
 
 # --- validation against a model and feature helpers -------------------------------------------
@@ -315,3 +340,58 @@ def test_feature_helpers(tmp_path):
         feature_decoder(clt, 0, 8)
     with pytest.raises(IndexError, match="3 layers"):
         feature_encoder(clt, 3, 0)
+
+
+# --- hub ids go through the same code after download -----------------------------------------
+
+
+def test_hub_id_uses_snapshot_then_same_loader(tmp_path, monkeypatch):
+    import huggingface_hub
+    import circuit_tracer.utils.hf_utils as hf_utils
+
+    snap = tmp_path / "snapshot"
+    clt = random_clt()
+    save_transcoder(clt, snap / "clt" / "sub")
+    calls = {}
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    loaded = load_transcoder("org/repo/clt/sub@v1")
+    assert calls == {"repo_id": "org/repo", "revision": "v1",
+                     "allow_patterns": ["clt/sub/config.yaml", "clt/sub/*.safetensors", "clt/sub/*.npz"]}
+    assert_clt_equal(clt, loaded)
+    assert loaded.scan == "org/repo/clt/sub@v1"
+
+    # Gemma Scope 2 style: a config whose 'transcoders' are hf:// URIs into another repo
+    raw = write_gemma_scope_2_clt(tmp_path / "google")
+    cfg_dir = snap / "gs2"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid",
+        "feature_output_hook": "hook_mlp_out",
+        "transcoders": [f"hf://google/gs2-tiny/clt/params_layer_{i}.safetensors" for i in range(L)]}))
+    monkeypatch.setattr(hf_utils, "download_hf_uri",
+                        lambda uri: str(tmp_path / "google" / uri.rsplit("/", 1)[1]))
+    check_gemma_scope_2(load_transcoder("hf://mwhanna/gs2-tiny/gs2"), raw)
+
+
+def test_gemma_scope_npz_plt(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "gs1"
+    d.mkdir()
+    for i in range(L):
+        np.savez(d / f"params_{i}.npz", W_enc=rng.normal(size=(D, DT)).astype("f4"),
+                 W_dec=rng.normal(size=(DT, D)).astype("f4"), b_enc=rng.normal(size=DT).astype("f4"),
+                 b_dec=rng.normal(size=D).astype("f4"), threshold=rng.random(DT).astype("f4"))
+    (d / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "transcoder_set", "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out", "transcoders": [f"params_{i}.npz" for i in range(L)]}))
+    ts = load_transcoder(d)
+    ref = np.load(d / "params_2.npz")
+    torch.testing.assert_close(ts[2].W_enc, torch.from_numpy(ref["W_enc"].T.copy()))
+    assert feature_decoder(ts, 2, 3).layers == [2]
