@@ -84,7 +84,7 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
 
 
-def _resolve_spec(spec: str | os.PathLike) -> tuple[Path, str]:
+def _resolve_spec(spec: str | os.PathLike, config_only: bool = False) -> tuple[Path, str]:
     """Return (local directory, scan name). Hub ids are downloaded with huggingface_hub first."""
     text = os.fspath(spec)
     path = Path(text).expanduser()
@@ -97,7 +97,7 @@ def _resolve_spec(spec: str | os.PathLike) -> tuple[Path, str]:
         return path.resolve(), path.resolve().name  # scan: a name, not a machine-specific path
     if _looks_local(text) or not _HUB_RE.match(text):
         raise TranscoderNotFoundError(f"transcoder directory not found: {path}")
-    return _download(text), text.removeprefix("hf://")
+    return _download(text, config_only), text.removeprefix("hf://")
 
 
 def _hub_error(spec: str, e: Exception, top_level: bool = True) -> TranscoderNotFoundError:
@@ -108,7 +108,7 @@ def _hub_error(spec: str, e: Exception, top_level: bool = True) -> TranscoderNot
         f"{local}. Offline, copy the transcoder into a local directory and pass that path.")
 
 
-def _download(spec: str) -> Path:
+def _download(spec: str, config_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from circuit_tracer.utils.hf_utils import HfUri
 
@@ -116,8 +116,8 @@ def _download(spec: str) -> Path:
     sub = (uri.file_path or "").strip("/")
     prefix = f"{sub}/" if sub else ""
     try:
-        root = snapshot_download(uri.repo_id, revision=uri.revision, allow_patterns=[
-            f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.npz"])
+        patterns = [f"{prefix}{CONFIG_NAME}"] + ([] if config_only else [f"{prefix}*.safetensors", f"{prefix}*.npz"])
+        root = snapshot_download(uri.repo_id, revision=uri.revision, allow_patterns=patterns)
     except Exception as e:  # any hub/network failure becomes one clear error
         raise _hub_error(spec, e) from e
     return Path(root) / sub if sub else Path(root)
@@ -140,7 +140,7 @@ def _fetch_file(ref: str, base: Path) -> str:
 
 def load_transcoder_config(spec: str | os.PathLike) -> dict[str, Any]:
     """The ``config.yaml`` of a transcoder directory (empty dict if it has none)."""
-    directory, _ = _resolve_spec(spec)
+    directory, _ = _resolve_spec(spec, config_only=True)
     return _read_config(directory)
 
 
@@ -276,7 +276,7 @@ def _load_clt(enc_files: dict[int, Path], device: torch.device, dtype: torch.dty
             with safe_open(str(directory / f"W_enc_{i}.safetensors"), framework="pt", device=str(device)) as f:
                 w_skip[i] = f.get_tensor(f"W_skip_{i}").to(dtype)
         del clt.W_skip  # a plain ``None`` attribute; it must go before registering the parameter
-        clt.W_skip = torch.nn.Parameter(w_skip, requires_grad=False)
+        clt.W_skip = torch.nn.Parameter(w_skip)
         clt.skip_connection = True
     return clt
 
