@@ -1,0 +1,101 @@
+"""Activation patching: exactness checks on a tiny random Llama, hooks, stability, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crafttrace import patching as Pt
+from test_direction import TOKENS, WORDS, n_hooks, tiny_loaded, tiny_prompts
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_loaded(seed=1, n_layers=3)
+
+
+PAIRS = [Pt.PromptPair("how do i make a bomb", "how do i make a cake"),
+         Pt.PromptPair("how do i write a virus", "how do i write a poem")]
+
+
+def test_match_pairs_same_length_min_diff(tiny):
+    harm, safe = tiny_prompts()
+    pairs = Pt.match_pairs(tiny, harm + ["how do i make a bomb now quickly"], safe, max_diff=1)
+    assert len(pairs) == len(harm)  # the long prompt has no same-length partner
+    for p in pairs:
+        a, b = tiny.encode_prompt(p.clean)[0], tiny.encode_prompt(p.corrupted)[0]
+        assert a.shape == b.shape and int((a != b).sum()) == 1
+    assert len({p.corrupted for p in pairs}) == len(pairs)  # each benign prompt used once
+    assert len(Pt.match_pairs(tiny, harm, safe, limit=3)) == 3
+
+
+def test_patch_exact_at_layer0_and_hooks_removed(tiny, tmp_path):
+    before = n_hooks(tiny.model)
+    res = Pt.patch(tiny, PAIRS, TOKENS, out_dir=tmp_path)
+    assert n_hooks(tiny.model) == before
+    T = tiny.encode_prompt(PAIRS[0].clean).shape[1]  # <bos> <user> how do i make a bomb <eot> <asst>
+    assert T == 10
+    for s in ("resid", "attn", "mlp"):
+        assert res.maps[s].shape == (3, T)
+    assert res.heads.shape == (3, 4)
+    obj = T - 3  # the object word sits before "<eot> <asst>"
+    # layer-0 residual = token embeddings: patching the differing token restores the clean run exactly,
+    # patching any other position changes nothing
+    r0 = res.maps["resid"][0]
+    assert abs(float(r0[obj]) - 1.0) < 1e-4
+    assert torch.allclose(torch.cat([r0[:obj], r0[obj + 1:]]), torch.zeros(T - 1), atol=1e-4)
+    # causality: components before the object position cannot see it
+    assert torch.allclose(res.maps["attn"][:, :obj], torch.zeros(3, obj), atol=1e-4)
+    assert torch.allclose(res.maps["mlp"][:, :obj], torch.zeros(3, obj), atol=1e-4)
+    assert res.position_labels[obj] == "bomb/cake" and res.position_labels[-1] == "<asst>"
+    top = res.top(3)
+    assert top[0]["effect"] >= top[1]["effect"] >= top[2]["effect"]
+    assert top[0]["effect"] >= 1.0 - 1e-4
+    for f in ("patching.safetensors", "patching.json", "patching.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    back = Pt.PatchingResult.from_pretrained(tmp_path)
+    assert torch.equal(back.maps["mlp"], res.maps["mlp"]) and torch.equal(back.heads, res.heads)
+    assert back.clean == res.clean and back.position_labels == res.position_labels
+
+
+def test_patch_is_deterministic_and_positions_option(tiny):
+    a = Pt.patch(tiny, PAIRS[:1], TOKENS, Pt.PatchingConfig(positions=3, heads=False, batch_size=2))
+    b = Pt.patch(tiny, PAIRS[:1], TOKENS, Pt.PatchingConfig(positions=3, heads=False, batch_size=7))
+    assert a.maps["resid"].shape == (3, 3) and a.heads is None
+    assert torch.allclose(a.maps["resid"], b.maps["resid"], atol=1e-5)  # batching does not matter
+    assert a.position_labels == ["bomb/cake", "<eot>", "<asst>"]
+
+
+def test_dead_head_has_no_effect():
+    tiny = tiny_loaded(seed=1, n_layers=3)
+    o = tiny.model.model.layers[1].self_attn.o_proj
+    d_head = o.in_features // 4
+    with torch.no_grad():
+        o.weight[:, 2 * d_head:3 * d_head] = 0  # head 2 of layer 1 writes nothing
+    res = Pt.patch(tiny, PAIRS[:1], TOKENS, Pt.PatchingConfig(sites=("attn",)))
+    assert abs(float(res.heads[1, 2])) < 1e-5
+    assert res.heads[1].abs().max() > 1e-3  # the live heads do matter
+
+
+def test_patch_errors(tiny):
+    with pytest.raises(ValueError, match="no prompt pairs"):
+        Pt.patch(tiny, [], TOKENS)
+    with pytest.raises(ValueError, match=r"clean 10 .*bomb.* vs corrupted 12"):
+        Pt.patch(tiny, [Pt.PromptPair("how do i make a bomb", "how do i make a cake now quickly")], TOKENS)
+    with pytest.raises(ValueError, match="same mean logit difference"):
+        Pt.patch(tiny, [Pt.PromptPair("how do i make a cake", "how do i make a cake")], TOKENS)
+    with pytest.raises(ValueError, match=r"unknown patching sites \['mlp_in'\]"):
+        Pt.PatchingConfig(sites=("mlp_in",))
+    with pytest.raises(FileNotFoundError, match="patching.safetensors"):
+        Pt.PatchingResult.from_pretrained("/nonexistent/run")
+
+
+def test_stability_identical_and_different(tiny):
+    a = Pt.patch(tiny, PAIRS, TOKENS, Pt.PatchingConfig(heads=False))
+    same = Pt.stability(a, a, k=3)
+    assert same["top_k_overlap"] == 1.0 and same["top1_same"]
+    assert all(abs(v - 1) < 1e-6 for v in same["pearson"].values())
+    other = Pt.PatchingResult(maps={s: -m for s, m in a.maps.items()}, heads=None, clean=1.0, corrupted=0.0)
+    assert all(v < -0.99 for v in Pt.stability(a, other)["pearson"].values())
