@@ -82,8 +82,13 @@ def test_clt_round_trip_keeps_values_and_skip(tmp_path):
     x = torch.randn(L, 5, D)
     # (CrossLayerTranscoder.forward itself asserts with a skip; decode with input_acts adds x @ W_skip)
     torch.testing.assert_close(loaded.decode(loaded.encode(x), x), clt.decode(clt.encode(x), x))
-    cfg = load_transcoder_config(out)
+    # the attribution path circuit-tracer runs adds the skip term too
+    got = loaded.compute_attribution_components(x)["reconstruction"]
+    torch.testing.assert_close(got, clt.compute_attribution_components(x)["reconstruction"])
+    cfg = load_transcoder_config(out / "config.yaml")
     assert cfg["model_name"] == "tiny-llama" and cfg["skip_connection"] is True
+    with pytest.raises(TranscoderFormatError, match="W_enc_0.safetensors is a file; pass the transcoder directory"):
+        load_transcoder(out / "W_enc_0.safetensors")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
