@@ -29,9 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -39,11 +38,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
 from crafttrace.hooks import _resolve_path, architecture
+from crafttrace.runs import write_json, write_tensors
 
 # ---------------------------------------------------------------------------------------------
 # Refusal / compliance token sets and first-token metrics
@@ -67,9 +67,17 @@ class RefusalTokens:
             raise ValueError(f"token ids {sorted(both)} are in both the refusal and the compliance set")
 
     def check_vocab(self, vocab_size: int) -> None:
-        bad = [i for i in self.refusal_ids + self.compliance_ids if not 0 <= i < vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad} are outside the model's vocabulary (size {vocab_size})")
+        check_token_ids(self, vocab_size)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """``tokens``: a RefusalTokens or crafttrace.tokens.TokenSets (anything with refusal_ids / compliance_ids)."""
+    ids = list(tokens.refusal_ids) + list(tokens.compliance_ids)
+    if not tokens.refusal_ids:
+        raise ValueError("the token set has no refusal ids")
+    bad = [i for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad} are outside the model's vocabulary (size {vocab_size})")
 
 
 def refusal_log_prob(logits: torch.Tensor, tokens: RefusalTokens) -> torch.Tensor:
@@ -413,7 +421,7 @@ class RefusalDirection:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"direction": self.direction.float().contiguous(), "candidates": self.candidates.float().contiguous()}
-        atomic_write(out / "direction.safetensors", lambda p: save_file(tensors, p))
+        write_tensors(out / "direction.safetensors", tensors)
         meta = {k: v for k, v in asdict(self).items() if k not in ("direction", "candidates")}
         meta["norm"] = float(self.direction.norm())
         write_json(out / "direction.json", meta)
@@ -478,7 +486,7 @@ def find_direction(loaded, harmful: Sequence[str], benign: Sequence[str], tokens
     """Extract, select and evaluate the refusal direction; writes direction.{safetensors,json},
     separation.png and selection.png into ``out_dir`` when given.  (CLI: ``crafttrace direction``.)"""
     cfg = cfg or DirectionConfig()
-    tokens.check_vocab(loaded.model.get_output_embeddings().weight.shape[0])
+    check_token_ids(tokens, loaded.model.get_output_embeddings().weight.shape[0])
     h_tr, h_va, h_te = split(list(harmful), cfg.splits, cfg.seed)
     b_tr, b_va, b_te = split(list(benign), cfg.splits, cfg.seed + 1)
     P = post_instruction_len(loaded)
@@ -532,17 +540,9 @@ def generate(loaded, prompts: Sequence[str], max_new_tokens: int = 24, batch_siz
     return out
 
 
-def _default_detector() -> Callable[[str], bool] | None:
-    """evaluation.py's refusal detector when that module provides one."""
-    try:
-        from crafttrace import evaluation  # noqa: PLC0415 (optional sibling module)
-    except ImportError:
-        return None
-    for name in ("is_refusal", "detect_refusal"):
-        fn = getattr(evaluation, name, None)
-        if callable(fn):
-            return fn
-    return None
+def _default_detector() -> Callable[[str], bool]:
+    from crafttrace.evaluation import RefusalDetector  # noqa: PLC0415 (heavy optional deps stay lazy)
+    return RefusalDetector()
 
 
 def validate_direction(loaded, rd: RefusalDirection, harmful: Sequence[str], benign: Sequence[str],
@@ -551,7 +551,9 @@ def validate_direction(loaded, rd: RefusalDirection, harmful: Sequence[str], ben
                        out_dir: str | os.PathLike | None = None) -> dict:
     """Add the direction on benign prompts (should induce refusal) and ablate it on harmful prompts
     (should bypass refusal). First-token refusal probability / log-odds always; with
-    ``generate_tokens > 0`` also greedy generations scored by ``detector`` (default: evaluation.py's).
+    ``generate_tokens > 0`` also greedy generations scored by ``detector`` (default:
+    ``crafttrace.evaluation.RefusalDetector()``; pass ``RefusalDetector(mode="prefix", phrases=["sorry"])``
+    for the testbed).
     Generated text is never written to disk, only detector rates."""
     model = loaded.model
     res = {"layer": rd.layer, "position": rd.position, "coeff": coeff,
@@ -561,18 +563,17 @@ def validate_direction(loaded, rd: RefusalDirection, harmful: Sequence[str], ben
         res["harmful"]["ablated"] = _first_token_summary(last_logits(loaded, harmful, batch_size, "ablate"), tokens)
     with add_direction(model, rd.direction, rd.layer, coeff):
         res["benign"]["added"] = _first_token_summary(last_logits(loaded, benign, batch_size, "add"), tokens)
-    detector = detector or _default_detector()
-    if generate_tokens > 0 and detector is not None:
-        def rate(texts):
-            return float(np.mean([bool(detector(t)) for t in texts]))
-        res["harmful"]["baseline"]["generation_refusal_rate"] = rate(generate(loaded, harmful, generate_tokens, batch_size))
-        res["benign"]["baseline"]["generation_refusal_rate"] = rate(generate(loaded, benign, generate_tokens, batch_size))
-        with ablate(model, rd.direction):
-            res["harmful"]["ablated"]["generation_refusal_rate"] = rate(generate(loaded, harmful, generate_tokens, batch_size))
-        with add_direction(model, rd.direction, rd.layer, coeff):
-            res["benign"]["added"]["generation_refusal_rate"] = rate(generate(loaded, benign, generate_tokens, batch_size))
-    elif generate_tokens > 0:
-        warnings.warn("no refusal detector available (crafttrace.evaluation missing); skipping generations")
+    if generate_tokens > 0:
+        from crafttrace.evaluation import degeneration  # noqa: PLC0415
+        detector = detector or _default_detector()
+        arms = [("harmful", "baseline", harmful, nullcontext()), ("benign", "baseline", benign, nullcontext()),
+                ("harmful", "ablated", harmful, ablate(model, rd.direction)),
+                ("benign", "added", benign, add_direction(model, rd.direction, rd.layer, coeff))]
+        for group, arm, prompts, intervention in arms:
+            with intervention:
+                texts = generate(loaded, prompts, generate_tokens, batch_size)
+            res[group][arm]["generation_refusal_rate"] = float(np.mean([bool(detector(t)) for t in texts]))
+            res[group][arm]["degenerate_rate"] = float(np.mean([degeneration(t)["is_degenerate"] for t in texts]))
     if out_dir is not None:
         write_json(Path(out_dir) / "validation.json", res)
     return res
@@ -583,32 +584,18 @@ def validate_direction(loaded, rd: RefusalDirection, harmful: Sequence[str], ben
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory, then os.replace (readers never see a partial file)."""
+def save_figure(fig, path: Path) -> None:
+    """PNG via a temp file + os.replace (runs.py's atomic writers take text and tensors only)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(Path(path), w)
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_separation(rd: RefusalDirection, path: Path) -> None:

@@ -29,11 +29,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from crafttrace.direction import (RefusalTokens, atomic_write, edit_site, encode, logit_diff, n_layers,
-                                  record_sites, save_figure, write_json)
+from crafttrace.direction import RefusalTokens, edit_site, encode, logit_diff, n_layers, record_sites, save_figure
+from crafttrace.runs import write_json, write_tensors
 
 SITES = ("resid", "attn", "mlp")
 
@@ -125,7 +125,7 @@ class PatchingResult:
         tensors = {f"map_{s}": m.float().contiguous() for s, m in self.maps.items()}
         if self.heads is not None:
             tensors["heads"] = self.heads.float().contiguous()
-        atomic_write(out / "patching.safetensors", lambda p: save_file(tensors, p))
+        write_tensors(out / "patching.safetensors", tensors)
         meta = {k: v for k, v in asdict(self).items() if k not in ("maps", "heads")}
         meta["top"] = self.top(20)
         write_json(out / "patching.json", meta)

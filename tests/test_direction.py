@@ -252,6 +252,6 @@ def test_validate_direction_reports_all_arms(tiny, tmp_path):
     for arm in (("harmful", "baseline"), ("harmful", "ablated"), ("benign", "baseline"), ("benign", "added")):
         s = res[arm[0]][arm[1]]
         assert 0 <= s["refusal_prob"] <= 1 and np.isfinite(s["refusal_score"])
-        assert 0 <= s["generation_refusal_rate"] <= 1
+        assert 0 <= s["generation_refusal_rate"] <= 1 and 0 <= s["degenerate_rate"] <= 1
     assert res["benign"]["added"]["refusal_score"] != res["benign"]["baseline"]["refusal_score"]
     assert (tmp_path / "validation.json").is_file()

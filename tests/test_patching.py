@@ -99,3 +99,64 @@ def test_stability_identical_and_different(tiny):
     assert all(abs(v - 1) < 1e-6 for v in same["pearson"].values())
     other = Pt.PatchingResult(maps={s: -m for s, m in a.maps.items()}, heads=None, clean=1.0, corrupted=0.0)
     assert all(v < -0.99 for v in Pt.stability(a, other)["pearson"].values())
+
+
+# ------------------------------------------------------------------ compare.py
+
+
+def _clt(n_layers=3, d_t=8, d=32):
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+    clt = CrossLayerTranscoder(n_layers, d_t, d, lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.copy_(torch.randn(w.shape, generator=g))
+    return clt
+
+
+def test_feature_cosines_finds_planted_decoder():
+    from crafttrace.compare import feature_cosines
+    from crafttrace.direction import RefusalDirection
+    clt = _clt()
+    r = torch.randn(32)
+    with torch.no_grad():
+        clt.W_dec[1][5, 0] = 0.0         # feature (1, 5) writes nothing to layer 1 ...
+        clt.W_dec[1][5, 1] = 3.0 * r     # ... and exactly the direction to layer 2
+    rd = RefusalDirection(direction=r, layer=3, position=-1, candidates=torch.zeros(3, 1, 32))
+    rows = feature_cosines(rd, clt, [(1, 5), (0, 2)], chance_samples=8)
+    f = rows[0]
+    assert (f["layer"], f["index"]) == (1, 5)
+    assert abs(f["cos_by_output_layer"][2] - 1) < 1e-5 and abs(f["cos_by_output_layer"][1]) < 1e-6
+    assert f["argmax_output_layer"] == 2 and abs(f["max_abs_cos"] - 1) < 1e-5
+    assert abs(f["cos_write_before_direction_layer"] - 1) < 1e-5
+    assert set(rows[1]["cos_by_output_layer"]) == {0, 1, 2}
+    assert rows[1]["max_abs_cos"] < 0.9 and 0 < rows[1]["chance_p95"] < 0.9  # random 32-d vectors
+    # a direction read at layer 1 only sees writes from output layer 0: feature (1, 5) has none
+    assert feature_cosines(r, clt, [(1, 5)], layer=1, chance_samples=0)[0]["cos_write_before_direction_layer"] is None
+    with pytest.raises(ValueError, match="d_model 16 .* d_model 32"):
+        feature_cosines(torch.randn(16), clt, [(0, 0)], layer=1)
+    with pytest.raises(IndexError, match="feature index 99"):
+        feature_cosines(r, clt, [(0, 99)], layer=1)
+    with pytest.raises(ValueError, match="needs the direction's layer"):
+        feature_cosines(r, clt, [(0, 0)])
+
+
+def test_compare_models_end_to_end(tmp_path):
+    from crafttrace.compare import CompareConfig, compare_directions, compare_models
+    from crafttrace.direction import DirectionConfig, RefusalDirection
+    base, tuned = tiny_loaded(seed=0, n_layers=3), tiny_loaded(seed=2, n_layers=3)
+    harm, safe = tiny_prompts()
+    cfg = CompareConfig(direction=DirectionConfig(max_kl=10.0, min_induce=-100.0),
+                        patching=Pt.PatchingConfig(positions=4), n_pairs=3, max_diff=1)
+    res = compare_models(base, tuned, harm, safe, TOKENS, cfg, out_dir=tmp_path, tc=_clt(), features=[(0, 1)])
+    d = res["directions"]
+    assert len(d["per_layer"]) == 3 and -1 <= d["cos_selected"] <= 1
+    assert {"base_norm", "tuned_norm", "base_auroc", "tuned_auroc", "cos_last_position"} <= set(d["per_layer"][1])
+    assert res["patching"]["agreement"]["top_k"] == 5 and len(res["patching"]["base_top"]) == 5
+    assert len(res["features"]) == 1
+    for f in ("compare.json", "compare.png", "base/direction/direction.json", "tuned/patching/patching.json"):
+        assert (tmp_path / f).is_file(), f
+    # a model compared with itself: identical directions at every layer with a non-zero difference
+    rd = RefusalDirection.from_pretrained(tmp_path / "base" / "direction")
+    same = compare_directions(rd, rd)
+    assert all(abs(r["cos_last_position"] - 1) < 1e-5 for r in same["per_layer"][1:])
