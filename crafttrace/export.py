@@ -40,8 +40,9 @@ from crafttrace.runs import atomic_write_text
 log = logging.getLogger(__name__)
 
 # crafttrace.attribution's CustomTarget labels; graphs with plain token targets pass their own labels.
-REFUSAL_LABELS = ("refuse", "refuse-minus-comply")
+REFUSAL_LABELS = ("refuse",)
 COMPLIANCE_LABELS = ("comply",)
+DIFFERENCE_LABELS = ("refuse-minus-comply",)
 
 Feature = tuple[int, int]  # (layer, feature index) of a CLT feature
 
@@ -135,7 +136,7 @@ def frontend_graph(graph_or_path: Graph | str | os.PathLike, slug: str = "graph"
     model = Model(
         metadata=Metadata(slug=slug, scan=scan, transcoder_list=transcoder_list,
                           prompt_tokens=_prompt_tokens(graph, tokenizer, prompt_tokens),
-                          prompt=graph.input_string, node_threshold=None if full else node_threshold),
+                          prompt=graph.input_string, node_threshold=1.0 if full else node_threshold),
         qParams=QParams(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos=""),
         nodes=used_nodes, links=used_links)
     pins = feature_node_ids(model.nodes, pinned)
@@ -205,12 +206,13 @@ def write_graphml(model: Model, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------- refusal subgraph
 
 def target_rows(graph: Graph, labels: Sequence[str] | None = None) -> dict[str, int]:
-    """Adjacency row of each logit target, by label; default: refusal and compliance targets present."""
+    """Adjacency row of each logit target, by label; default: the refusal / compliance / difference
+    targets present (crafttrace.attribution's labels), else every logit target."""
     n = graph.adjacency_matrix.shape[0]
     k = len(graph.logit_targets)
     by_label = {t.token_str: n - k + i for i, t in enumerate(graph.logit_targets)}
     if labels is None:
-        labels = [l for l in (*REFUSAL_LABELS, *COMPLIANCE_LABELS) if l in by_label]
+        labels = [l for l in (*DIFFERENCE_LABELS, *REFUSAL_LABELS, *COMPLIANCE_LABELS) if l in by_label]
         if not labels:
             labels = list(by_label)  # plain token targets: use all of them
     missing = [l for l in labels if l not in by_label]

@@ -7,12 +7,14 @@ Security Policy that forbids every network request) from the same frontend graph
 
 * nodes laid out by layer (rows: token embeddings at the bottom, logits on top) x token position (columns);
 * edges drawn with width / opacity proportional to |weight|, blue for positive, red for negative;
-* the refusal and compliance logit nodes marked; highlighted (CRaFT-selected) features in gold;
+* the refusal and compliance logit nodes marked (and crafttrace's refuse-minus-comply target);
+  highlighted (CRaFT-selected) features in gold;
 * hover for a node's id, layer, position, feature index, activation and influence; click to pin it
   and show its strongest edges.
 
 After rendering, the page writes what it drew into ``#render-stats`` (``data-nodes``, ``data-links``,
-``data-highlighted``, ``data-refusal``, ``data-compliance``), which the browser test reads.
+``data-visible-links``, ``data-highlighted``, ``data-refusal``, ``data-compliance``,
+``data-difference``), which the browser test reads.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from circuit_tracer.frontend.graph_models import Model
 from circuit_tracer.graph import Graph
 
-from crafttrace.export import COMPLIANCE_LABELS, REFUSAL_LABELS, frontend_graph, load_frontend
+from crafttrace.export import COMPLIANCE_LABELS, DIFFERENCE_LABELS, REFUSAL_LABELS, frontend_graph, load_frontend
 from crafttrace.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,8 @@ def view_data(model: Model, highlight: Iterable[tuple[int, int] | str] = (),
         else:
             m = _LOGIT_CLERP.match(n.clerp)
             label = m.group(1) if m else n.clerp
-            role = "refusal" if label in refusal else "compliance" if label in compliance else None
+            role = ("refusal" if label in refusal else "compliance" if label in compliance
+                    else "difference" if label in DIFFERENCE_LABELS else None)
             d |= {"layer": n_layers, "label": label, "role": role, "token_prob": n.token_prob, "highlight": False}
         index[n.node_id] = len(nodes)
         nodes.append(d)

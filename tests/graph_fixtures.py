@@ -14,10 +14,11 @@ from circuit_tracer.graph import Graph
 from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
 
 REFUSAL, COMPLIANCE = "I", "Sure"
+CRAFTTRACE_LABELS = ("refuse-minus-comply", "refuse", "comply")
 
 
 def synthetic_graph(n_layers: int = 4, n_pos: int = 5, feats_per_site: int = 3, seed: int = 0,
-                    density: float = 0.5, virtual_target: bool = False, scan: str | list[str] | None = "synthetic-clt",
+                    density: float = 0.5, virtual_target: bool = False, crafttrace_targets: bool = False, scan: str | list[str] | None = "synthetic-clt",
                     d_vocab: int = 100) -> Graph:
     g = torch.Generator().manual_seed(seed)
     cfg = UnifiedConfig(n_layers=n_layers, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=d_vocab,
@@ -29,11 +30,15 @@ def synthetic_graph(n_layers: int = 4, n_pos: int = 5, feats_per_site: int = 3, 
     values = torch.rand(n_active, generator=g) * 5 + 0.1
     # keep a subset, like attribution's max_feature_nodes, so selected_features indexes active_features
     selected = torch.sort(torch.randperm(n_active, generator=g)[: max(1, int(0.8 * n_active))]).values
-    if virtual_target:
-        targets = [LogitTarget("logit(I)-logit(Sure)", d_vocab + 0), LogitTarget(COMPLIANCE, 41)]
+    if crafttrace_targets:  # crafttrace.attribution's three CustomTargets (virtual vocab indices)
+        targets = [LogitTarget(label, d_vocab + i) for i, label in enumerate(CRAFTTRACE_LABELS)]
+        probs = torch.tensor([1.0, 0.5, 0.5])
     else:
-        targets = [LogitTarget(REFUSAL, 40), LogitTarget(COMPLIANCE, 41)]
-    probs = torch.tensor([0.7, 0.3])
+        if virtual_target:
+            targets = [LogitTarget("logit(I)-logit(Sure)", d_vocab + 0), LogitTarget(COMPLIANCE, 41)]
+        else:
+            targets = [LogitTarget(REFUSAL, 40), LogitTarget(COMPLIANCE, 41)]
+        probs = torch.tensor([0.7, 0.3])
 
     n_sel, n_logit = selected.shape[0], len(targets)
     # (layer, pos) of every node; embeddings sit below layer 0, logits above the last layer

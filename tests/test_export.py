@@ -53,7 +53,7 @@ def test_full_export_keeps_every_nonzero_edge():
     g = synthetic_graph(seed=1)
     m = frontend_graph(g, node_threshold=None, edge_threshold=None, prompt_tokens=TOKENS)
     assert len(m.links) == int((g.adjacency_matrix != 0).sum())
-    assert m.metadata.node_threshold is None
+    assert m.metadata.node_threshold == 1.0  # Neuronpedia wants a number: 1.0 = keep everything
     # weights: rebuild a dense matrix from the links through networkx and compare
     G = to_networkx(m)
     assert G.number_of_edges() == len(m.links)
@@ -128,10 +128,9 @@ def test_refusal_subgraph_strongest_paths_match_brute_force():
 
 
 def test_refusal_subgraph_default_targets_are_crafttrace_labels():
-    g = synthetic_graph(virtual_target=True)
-    g.logit_targets = [g.logit_targets[0]._replace(token_str="refuse-minus-comply"),
-                       g.logit_targets[1]._replace(token_str="comply")]
+    g = synthetic_graph(crafttrace_targets=True)
     sub = refusal_subgraph(g, [(2, 9)])
-    assert set(sub["targets"]) == {"refuse-minus-comply", "comply"}
-    with pytest.raises(ValueError, match=r"logit targets \['refuse'\] not in graph"):
-        refusal_subgraph(g, [(2, 9)], SubgraphSettings(labels=["refuse"]))
+    assert list(sub["targets"]) == ["refuse-minus-comply", "refuse", "comply"]
+    assert {p["target"] for p in sub["paths"]} == set(sub["targets"])
+    with pytest.raises(ValueError, match=r"logit targets \['I'\] not in graph; it has \['refuse-minus-comply'"):
+        refusal_subgraph(g, [(2, 9)], SubgraphSettings(labels=["I"]))

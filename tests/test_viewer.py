@@ -129,6 +129,13 @@ def test_write_view_from_exported_json_and_saved_graph(tmp_path):
     assert [n["role"] for n in d1["nodes"] if n["kind"] == "logit"] == [None, None]  # "I"/"Sure" not default labels
 
 
+def test_crafttrace_targets_get_roles():
+    g = synthetic_graph(crafttrace_targets=True)
+    data = view_data(frontend_graph(g, prompt_tokens=TOKENS))
+    roles = {n["label"]: n["role"] for n in data["nodes"] if n["kind"] == "logit"}
+    assert roles == {"refuse-minus-comply": "difference", "refuse": "refusal", "comply": "compliance"}
+
+
 def test_view_data_rejects_dangling_link():
     model = frontend_graph(synthetic_graph(), prompt_tokens=TOKENS)
     model.links.append({"source": "nope", "target": model.nodes[0].node_id, "weight": 1.0})
