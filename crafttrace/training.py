@@ -1,0 +1,767 @@
+"""Train a cross-layer transcoder (CLT) for any Hugging Face causal LM, from plain text.
+
+Hook points (TransformerLens names, resolved on the plain HF model by ``crafttrace.hooks``):
+  features READ  ``cfg.feature_input_hook``  (default ``hook_resid_mid``: residual stream after attention)
+  features WRITE ``cfg.feature_output_hook`` (default ``hook_mlp_out``: the MLP output)
+exactly where circuit-tracer reads and writes them during attribution.
+
+Architecture (circuit-tracer's ``CrossLayerTranscoder`` layout): layer ``l`` has an encoder
+``W_enc[l] [d_t, d_model]``, ``b_enc[l]``, a JumpReLU threshold, and a decoder ``W_dec[l] [d_t, L-l, d_model]``
+writing to the MLP outputs of layers ``l..L-1``. The reconstruction of MLP output ``j`` is
+``b_dec[j] + sum_{l<=j} a_l @ W_dec[l][:, j-l]``.
+
+Sparsity: ``activation="jumprelu"`` trains log-thresholds with a straight-through estimator (Rajamanoharan et
+al. 2024) under the tanh penalty of Anthropic's circuit-tracing methods paper,
+``lambda * sum_{l,i} tanh(c * a_i^l * ||W_dec,i^l||)`` (lambda ramped up from 0), plus an optional pre-activation
+penalty against dead features. ``activation="topk"`` keeps the k largest pre-activations per layer and token;
+circuit-tracer only runs ReLU/JumpReLU, so TopK is exported as JumpReLU with per-feature thresholds calibrated to
+match each feature's TopK firing rate, and ``metrics.json`` reports the NMSE of that exported model.
+
+Sparse decode: only the decoder rows of active features are read (``F.embedding_bag`` with
+``per_sample_weights`` over each source layer's decoder flattened to ``[d_t, (L-l)*d_model]``), and with
+``sparse_adam`` their gradients are sparse and updated by ``torch.optim.SparseAdam``, so neither the forward,
+the backward nor the optimizer touches all ``L(L+1)/2`` decoder blocks each step. ``sparse_decode=False`` is
+the dense reference (materialised activations times full decoders) kept for tests and the benchmark.
+
+Data: texts are tokenised into windows of ``context_length`` (BOS re-prefixed when the tokenizer uses one);
+position 0 of every window is skipped (circuit-tracer zeroes position-0 features). Activations are collected
+in chunks of ``chunk_tokens`` positions and shuffled inside the chunk. Everything is a deterministic function of
+(texts, cfg, step), which is what makes resume exact: a restarted run re-collects the current chunk and
+continues with the same batches. The first texts (in seeded order) are held out for evaluation.
+
+Inputs and outputs are normalised by one scalar per layer during training (so one lambda/lr works across
+models); the scales are folded into the saved weights, which therefore act on raw activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from crafttrace.hooks import capture
+from crafttrace.runs import read_json, read_tensors, write_json, write_tensors
+from crafttrace.transcoders import load_transcoder, save_transcoder
+
+CHECKPOINT_DIR = "checkpoint"
+TRANSCODER_DIR = "transcoder"
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.json"
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class CLTTrainConfig:
+    d_transcoder: int = 512                  # features per layer
+    activation: Literal["jumprelu", "topk"] = "jumprelu"
+    k: int = 16                              # TopK: active features per layer and token
+    sparsity_coef: float = 2e-3              # JumpReLU: final lambda of the tanh penalty
+    sparsity_c: float = 4.0                  # JumpReLU: c inside tanh(c * a * ||W_dec||)
+    sparsity_ramp_frac: float = 1.0          # lambda rises linearly from 0 over this fraction of training
+    preact_coef: float = 3e-6                # JumpReLU: penalty on relu(theta - pre) * ||W_dec|| (dead features)
+    threshold_init_l0: float = 64.0          # JumpReLU: initial thresholds give about this many active features
+    bandwidth: float = 0.1                   # JumpReLU: straight-through estimator kernel width
+    lr: float = 1e-3
+    lr_warmup_steps: int = 50
+    lr_decay_frac: float = 0.2               # linear decay to 0 over the last fraction of training
+    batch_tokens: int = 1024                 # tokens per optimizer step
+    total_tokens: int = 1_000_000            # training tokens (steps = total_tokens // batch_tokens)
+    context_length: int = 128
+    chunk_tokens: int = 16384                # activation buffer: collected, shuffled, consumed, repeated
+    collect_batch_size: int = 16             # sequences per model forward during collection
+    eval_tokens: int = 4096                  # held-out tokens for metrics.json
+    seed: int = 0
+    feature_input_hook: str = "hook_resid_mid"
+    feature_output_hook: str = "hook_mlp_out"
+    checkpoint_every: int = 200              # steps
+    sparse_decode: bool = True
+    sparse_adam: bool = True                 # sparse decoder gradients + SparseAdam (needs sparse_decode)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.activation not in ("jumprelu", "topk"):
+            problems.append(f"activation must be 'jumprelu' or 'topk', got {self.activation!r}")
+        if self.d_transcoder < 1:
+            problems.append(f"d_transcoder must be >= 1, got {self.d_transcoder}")
+        if self.activation == "topk" and not 1 <= self.k <= self.d_transcoder:
+            problems.append(f"k must be in [1, d_transcoder={self.d_transcoder}], got {self.k}")
+        if self.batch_tokens < 1 or self.chunk_tokens < 1:
+            problems.append(f"batch_tokens ({self.batch_tokens}) and chunk_tokens ({self.chunk_tokens}) must be >= 1")
+        elif self.chunk_tokens % self.batch_tokens:
+            problems.append(f"chunk_tokens ({self.chunk_tokens}) must be a multiple of batch_tokens ({self.batch_tokens})")
+        if self.total_tokens < self.batch_tokens:
+            problems.append(f"total_tokens ({self.total_tokens}) must be >= batch_tokens ({self.batch_tokens})")
+        if self.context_length < 2:
+            problems.append(f"context_length must be >= 2 (position 0 is skipped), got {self.context_length}")
+        if self.eval_tokens < 1:
+            problems.append(f"eval_tokens must be >= 1, got {self.eval_tokens}")
+        if self.bandwidth <= 0 or self.lr <= 0:
+            problems.append(f"bandwidth ({self.bandwidth}) and lr ({self.lr}) must be > 0")
+        if self.sparse_adam and not self.sparse_decode:
+            problems.append("sparse_adam needs sparse_decode=True (dense decode gives dense gradients)")
+        if problems:
+            raise ValueError("invalid CLTTrainConfig: " + "; ".join(problems))
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_tokens // self.batch_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLTTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CLTTrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CLTTrainConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "CLTTrainConfig":
+        """Read a config from a JSON file or from a training output directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        return cls.from_dict(read_json(path))
+
+
+@dataclass
+class TrainResult:
+    path: Path                       # the saved CLT (circuit-tracer layout): ``load_transcoder(path)``
+    metrics: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None      # out_dir: metrics.json, train_config.json, checkpoint/
+
+
+# ----------------------------------------------------------------------------------------------------- texts
+
+def read_texts(source: str | Path | Iterable[str], field_name: str = "text", limit: int | None = None) -> list[str]:
+    """Texts from a .jsonl file (``field_name``), a .txt file (one text per non-empty line),
+    a ``crafttrace.data`` dataset name (e.g. ``"text/corpus"``), or any iterable of strings."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix == ".jsonl" and path.exists():
+            texts = []
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if field_name not in row:
+                        raise ValueError(f"{path}:{n} has no field {field_name!r} (fields: {sorted(row)})")
+                    texts.append(row[field_name])
+        elif path.suffix == ".txt" and path.exists():
+            texts = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        elif path.suffix in (".jsonl", ".txt"):
+            raise FileNotFoundError(f"text file not found: {path}")
+        else:
+            try:
+                from crafttrace.data import load_dataset
+            except ImportError as e:
+                raise FileNotFoundError(f"{source!r} is not a .jsonl/.txt file and crafttrace.data is unavailable ({e})") from None
+            rows = load_dataset(str(source), limit=limit)
+            texts = [r[field_name] if isinstance(r, dict) else r for r in rows]
+    else:
+        texts = list(source)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts[:limit] if limit is not None else texts
+
+
+# ----------------------------------------------------------------------------------------- activation stream
+
+class ActivationStream:
+    """Deterministic stream of (input, output) activations [n, L, d_model] at the CLT hook points.
+
+    Windows are grouped into fixed forward batches (``collect_batch_size`` windows each), so chunk ``c`` is
+    bitwise the same whether it is reached by streaming or by resuming straight at chunk ``c``.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, texts: list[str], cfg: CLTTrainConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.n_layers = model.config.num_hidden_layers
+        self.layers = list(range(self.n_layers))
+        self.device = next(model.parameters()).device
+        probe_plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        probe_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.prefix = [bos] if bos is not None and len(probe_special) > len(probe_plain) and probe_special[0] == bos else []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        texts = [texts[i] for i in order if texts[i].strip()]
+        # hold out whole texts for evaluation, so no evaluation token is ever trained on
+        n_eval_pos, n_eval_texts = 0, 0
+        while n_eval_pos < cfg.eval_tokens and n_eval_texts < len(texts) - 1:
+            n_eval_pos += sum(len(w) - 1 for w in self._windows_of(texts[n_eval_texts]))
+            n_eval_texts += 1
+        self.eval_texts, self.train_texts = texts[:n_eval_texts], texts[n_eval_texts:]
+        if not self.train_texts or n_eval_pos == 0:
+            raise ValueError(
+                f"not enough text: {len(texts)} non-empty texts cannot fill eval_tokens={cfg.eval_tokens} "
+                "held-out positions and still leave training text")
+        self._train_windows = [w for t in self.train_texts for w in self._windows_of(t)]
+        self.positions_per_epoch = sum(len(w) - 1 for w in self._train_windows)
+        if self.positions_per_epoch == 0:
+            raise ValueError("training texts tokenise to windows of length < 2; nothing to train on")
+
+    def _windows_of(self, text: str) -> list[list[int]]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        step = self.cfg.context_length - len(self.prefix)
+        return [self.prefix + ids[i:i + step] for i in range(0, len(ids), step) if len(self.prefix + ids[i:i + step]) >= 2]
+
+    @torch.inference_mode()
+    def _forward(self, windows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations for all positions >= 1 of the windows, in window order: ([n, L, d], [n, L, d])."""
+        T = max(len(w) for w in windows)
+        ids = torch.full((len(windows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(windows), T, dtype=torch.long)
+        for i, w in enumerate(windows):
+            ids[i, :len(w)] = torch.tensor(w)
+            mask[i, :len(w)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with capture(self.model, self.cfg.feature_input_hook, self.layers) as xs, \
+                capture(self.model, self.cfg.feature_output_hook, self.layers) as ys:
+            try:  # the logits are not needed: skip the unembedding where the model allows it
+                self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            except TypeError:
+                self.model(input_ids=ids, attention_mask=mask)
+        keep = mask.bool()
+        keep[:, 0] = False  # circuit-tracer zeroes position-0 features: never train on them
+        x = torch.stack([xs[l] for l in self.layers], dim=2)[keep]
+        y = torch.stack([ys[l] for l in self.layers], dim=2)[keep]
+        return x.float().cpu(), y.float().cpu()
+
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = [w for t in self.eval_texts for w in self._windows_of(t)]
+        bs = self.cfg.collect_batch_size
+        parts = [self._forward(windows[i:i + bs]) for i in range(0, len(windows), bs)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return x[:self.cfg.eval_tokens], y[:self.cfg.eval_tokens]
+
+    def chunks(self, start_chunk: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield (chunk index, x, y) with exactly ``chunk_tokens`` shuffled positions each, forever (epochs)."""
+        C, bs = self.cfg.chunk_tokens, self.cfg.collect_batch_size
+        n_w = len(self._train_windows)
+        target = start_chunk * C            # global position where the first yielded chunk starts
+        pos, w = 0, 0                       # global position at the start of forward batch starting at window w
+        # skip whole forward batches without running the model (tokenised lengths are enough)
+        epoch_batches = [(i, sum(len(x) - 1 for x in self._train_windows[i:i + bs])) for i in range(0, n_w, bs)]
+        epochs_skipped = target // self.positions_per_epoch
+        pos = epochs_skipped * self.positions_per_epoch
+        bi = 0
+        while pos + epoch_batches[bi][1] <= target:
+            pos += epoch_batches[bi][1]
+            bi += 1
+        buf_x: list[torch.Tensor] = []
+        buf_y: list[torch.Tensor] = []
+        have, drop, c = 0, target - pos, start_chunk
+        while True:
+            w = epoch_batches[bi][0]
+            x, y = self._forward(self._train_windows[w:w + bs])
+            if drop:
+                x, y, drop = x[drop:], y[drop:], 0
+            buf_x.append(x)
+            buf_y.append(y)
+            have += len(x)
+            bi = (bi + 1) % len(epoch_batches)
+            while have >= C:
+                X, Y = torch.cat(buf_x), torch.cat(buf_y)
+                perm = torch.randperm(C, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + c))
+                yield c, X[:C][perm], Y[:C][perm]
+                buf_x, buf_y, have, c = [X[C:]], [Y[C:]], have - C, c + 1
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+class _SparseDecode(torch.autograd.Function):
+    """out[t] = sum_i values[i] * W[feats[i]] over the nonzeros i of token t (CSR: ``crow`` row pointers).
+
+    Written by hand because autograd's own backward for ``embedding_bag`` materialises one decoder row per
+    nonzero (nnz x (L-l)*d_model) for the weight gradient and for ``per_sample_weights``. Here the weight
+    gradient is one sparse x dense product A^T G, and the value gradient is a sampled dense-dense product
+    (SDDMM: G W^T evaluated only at the nonzeros), so cost scales with nnz, never with d_transcoder.
+    With ``sparse_grad`` the weight gradient is a coalesced sparse tensor over the features active in the batch
+    (for ``torch.optim.SparseAdam``).
+    """
+
+    @staticmethod
+    def forward(ctx, values, W, feats, tokens, crow, sparse_grad: bool):
+        ctx.save_for_backward(values, W, feats, tokens, crow)
+        ctx.sparse_grad = sparse_grad
+        return F.embedding_bag(feats, W, crow[:-1], mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, g):
+        values, W, feats, tokens, crow = ctx.saved_tensors
+        n, (n_feat, D) = g.shape[0], W.shape
+        g = g.contiguous()
+        g_values = g_W = None
+        if ctx.needs_input_grad[0]:
+            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is what we need here
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, feats, torch.zeros_like(values), (n, n_feat),
+                                                  check_invariants=False)
+            g_values = torch.sparse.sampled_addmm(pattern, g, W.t()).values()
+        if ctx.needs_input_grad[1]:
+            if ctx.sparse_grad:
+                uniq, inv = feats.unique(return_inverse=True)
+                At = torch.sparse_coo_tensor(torch.stack([inv, tokens]), values, (len(uniq), n), check_invariants=False)
+                rows = torch.sparse.mm(At, g)
+                g_W = torch.sparse_coo_tensor(uniq[None], rows, (n_feat, D), is_coalesced=True,
+                                              check_invariants=False)
+            else:
+                At = torch.sparse_coo_tensor(torch.stack([feats, tokens]), values, (n_feat, n), check_invariants=False)
+                g_W = torch.sparse.mm(At, g)
+        return g_values, g_W, None, None, None, None
+
+
+class _JumpReLUSTE(torch.autograd.Function):
+    """x * (x > theta); pseudo-gradient for theta from a rectangle kernel of width ``bandwidth``
+    (Rajamanoharan et al. 2024). Elementwise, so it works on dense [n, L, F] and on gathered sparse values."""
+
+    @staticmethod
+    def forward(ctx, x, theta, bandwidth: float):
+        ctx.save_for_backward(x, theta)
+        ctx.bandwidth = bandwidth
+        return x * (x > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, theta = ctx.saved_tensors
+        bw = ctx.bandwidth
+        window = ((x - theta) / bw).abs() < 0.5
+        g_theta = _sum_to(-(theta / bw) * window * g, theta.shape)
+        return (x > theta) * g, g_theta, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Undo broadcasting over leading dims (theta [L, F] against pre-activations [n, L, F])."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    return t
+
+
+@dataclass
+class SparseActs:
+    """Active features of one source layer: token ids (sorted), feature ids and values (with grad)."""
+    tokens: torch.Tensor
+    feats: torch.Tensor
+    values: torch.Tensor
+
+
+class CLTModel(torch.nn.Module):
+    """Training-time CLT on normalised activations. Decoders are kept flattened, ``W_dec[l]`` is
+    ``[d_t, (L-l)*d_model]`` (circuit-tracer's ``[d_t, L-l, d_model]`` viewed flat), so one ``embedding_bag``
+    row lookup fetches a feature's writes to every later layer."""
+
+    def __init__(self, n_layers: int, d_model: int, cfg: CLTTrainConfig):
+        super().__init__()
+        L, F_, d = n_layers, cfg.d_transcoder, d_model
+        self.n_layers, self.d_model, self.cfg = L, d, cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        # initialisation from Anthropic's circuit-tracing methods paper
+        self.W_enc = torch.nn.Parameter((torch.rand(L, F_, d, generator=g) * 2 - 1) / math.sqrt(F_))
+        self.b_enc = torch.nn.Parameter(torch.zeros(L, F_))
+        self.log_threshold = torch.nn.Parameter(torch.zeros(L, F_))
+        bound = 1 / math.sqrt(L * d)
+        self.W_dec = torch.nn.ParameterList(
+            [torch.nn.Parameter((torch.rand(F_, (L - l) * d, generator=g) * 2 - 1) * bound) for l in range(L)])
+        self.b_dec = torch.nn.Parameter(torch.zeros(L, d))
+
+    # ------------------------------------------------------------------ encode
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, L, d] -> [n, L, F]"""
+        return torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
+
+    def sparse_acts(self, pre: torch.Tensor) -> list[SparseActs]:
+        """Per source layer, the features that are active -- or, for JumpReLU, close enough to the threshold to
+        receive a straight-through gradient (their value is 0 but they must still see the decoder)."""
+        out = []
+        if self.cfg.activation == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1)            # [n, L, k]
+            vals = F.relu(vals)
+            n = pre.shape[0]
+            idx, order = idx.sort(dim=-1)          # CSR wants sorted column indices within a row
+            vals = vals.gather(-1, order)
+            tokens = torch.arange(n).repeat_interleave(self.cfg.k)
+            for l in range(self.n_layers):
+                out.append(SparseActs(tokens, idx[:, l].reshape(-1), vals[:, l].reshape(-1)))
+            return out
+        theta = self.log_threshold.exp()
+        with torch.no_grad():
+            candidates = (((pre - theta) / self.cfg.bandwidth) > -0.5) | (pre > theta)
+        for l in range(self.n_layers):
+            tok, feat = candidates[:, l].nonzero(as_tuple=True)   # row-major: sorted by token
+            vals = _JumpReLUSTE.apply(pre[tok, l, feat], theta[l, feat], self.cfg.bandwidth)
+            out.append(SparseActs(tok, feat, vals))
+        return out
+
+    def dense_acts(self, pre: torch.Tensor) -> torch.Tensor:
+        """Reference path: [n, L, F] activations, materialised."""
+        if self.cfg.activation == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+        return _JumpReLUSTE.apply(pre, self.log_threshold.exp(), self.cfg.bandwidth)
+
+    # ------------------------------------------------------------------ decode
+    def decode_sparse(self, acts: list[SparseActs], n: int, sparse_grad: bool) -> torch.Tensor:
+        L, d = self.n_layers, self.d_model
+        recon = self.b_dec.expand(n, L, d).clone()
+        for l, a in enumerate(acts):
+            crow = torch.searchsorted(a.tokens, torch.arange(n + 1))   # CSR row pointers (tokens are sorted)
+            out = _SparseDecode.apply(a.values, self.W_dec[l], a.feats, a.tokens, crow, sparse_grad)
+            recon[:, l:] += out.view(n, L - l, d)
+        return recon
+
+    def decode_dense(self, acts: torch.Tensor) -> torch.Tensor:
+        n, L, d = acts.shape[0], self.n_layers, self.d_model
+        recon = self.b_dec.expand(n, L, d).clone()
+        for l in range(L):
+            recon[:, l:] += (acts[:, l] @ self.W_dec[l]).view(n, L - l, d)
+        return recon
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, x: torch.Tensor, y: torch.Tensor, lam: float, sparse: bool | None = None,
+             sparse_grad: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """Reconstruction (sum over layers of per-layer MSE / d_model, on normalised activations) + sparsity."""
+        sparse = self.cfg.sparse_decode if sparse is None else sparse
+        cfg, n = self.cfg, x.shape[0]
+        pre = self.pre_activations(x)
+        penalty = pre.new_zeros(())
+        if sparse:
+            acts = self.sparse_acts(pre)
+            recon = self.decode_sparse(acts, n, sparse_grad)
+            l0 = pre.new_tensor([float((a.values > 0).sum()) / n for a in acts])
+            if cfg.activation == "jumprelu" and lam > 0:
+                for l, a in enumerate(acts):
+                    uniq, inv = a.feats.unique(return_inverse=True)
+                    norms = F.embedding(uniq, self.W_dec[l], sparse=sparse_grad).norm(dim=-1)[inv]
+                    penalty = penalty + torch.tanh(cfg.sparsity_c * a.values * norms).sum() / n
+        else:
+            dense = self.dense_acts(pre)
+            recon = self.decode_dense(dense)
+            l0 = (dense > 0).float().sum(-1).mean(0)
+            if cfg.activation == "jumprelu" and lam > 0:
+                norms = torch.stack([w.norm(dim=-1) for w in self.W_dec])       # [L, F]
+                penalty = torch.tanh(cfg.sparsity_c * dense * norms).sum() / n
+        err = (recon - y).pow(2).sum(-1)                                          # [n, L]
+        recon_loss = err.mean(0).sum() / self.d_model
+        loss = recon_loss + lam * penalty
+        if cfg.activation == "jumprelu" and cfg.preact_coef > 0:
+            with torch.no_grad():  # detached norms: the decoder gradient stays sparse
+                norms = torch.stack([w.norm(dim=-1) for w in self.W_dec])
+            theta = self.log_threshold.exp()
+            loss = loss + cfg.preact_coef * (F.relu(theta - pre) * norms).sum() / n
+        with torch.no_grad():
+            var = (y - y.mean(0)).pow(2).sum(-1).sum(0)
+            nmse = (err.sum(0) / var.clamp_min(1e-12)).mean()
+        return loss, {"loss": float(loss.detach()), "recon": float(recon_loss.detach()), "penalty": float(penalty.detach()),
+                      "nmse": float(nmse), "l0": float(l0.mean())}
+
+    def dense_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.W_enc, self.b_enc, self.log_threshold, self.b_dec]
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+def to_circuit_tracer(model: CLTModel, in_scale: torch.Tensor, out_scale: torch.Tensor, threshold: torch.Tensor,
+                      cfg: CLTTrainConfig):
+    """circuit-tracer ``CrossLayerTranscoder`` (JumpReLU, float32, CPU) acting on RAW activations:
+    pre = (W_enc / s_in) x + b_enc, and every write to layer j is scaled by s_out[j]."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    L, d, F_ = model.n_layers, model.d_model, cfg.d_transcoder
+    clt = CrossLayerTranscoder(L, F_, d, activation_function="jump_relu", lazy_decoder=False, lazy_encoder=False,
+                               feature_input_hook=cfg.feature_input_hook,
+                               feature_output_hook=cfg.feature_output_hook,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        clt.W_enc.copy_(model.W_enc / in_scale[:, None, None])
+        clt.b_enc.copy_(model.b_enc)
+        clt.b_dec.copy_(model.b_dec * out_scale[:, None])
+        clt.activation_function.threshold.copy_(threshold[:, None, :])
+        for l in range(L):
+            clt.W_dec[l].copy_(model.W_dec[l].view(F_, L - l, d) * out_scale[l:, None])
+    return clt
+
+
+@torch.no_grad()
+def calibrate_topk_thresholds(model: CLTModel, x: torch.Tensor) -> torch.Tensor:
+    """Per-feature JumpReLU thresholds reproducing each feature's TopK firing rate on ``x`` (normalised):
+    theta_f = the (1 - rate_f) quantile of feature f's pre-activations, never below 0; features that never
+    make the TopK get a threshold above every pre-activation seen."""
+    pre = model.pre_activations(x)                                   # [n, L, F]
+    n = pre.shape[0]
+    _, idx = pre.topk(model.cfg.k, dim=-1)
+    counts = torch.zeros_like(pre[0]).scatter_add_(-1, idx.transpose(0, 1).reshape(model.n_layers, -1),
+                                                   torch.ones(model.n_layers, n * model.cfg.k))
+    sorted_pre = pre.sort(dim=0, descending=True).values             # [n, L, F]
+    kth = counts.long().clamp(min=1) - 1                             # index of the last firing value
+    last_in = sorted_pre.gather(0, kth[None]).squeeze(0)
+    next_out = sorted_pre.gather(0, (kth + 1).clamp(max=n - 1)[None]).squeeze(0)
+    theta = ((last_in + next_out) / 2).clamp_min(0.0)                # midway between firing and not firing
+    never = counts == 0
+    theta[never] = sorted_pre[0][never].clamp_min(0.0) + 1.0
+    return theta
+
+
+def _dense_opt_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors-ready tensors + JSON (no pickle)."""
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.{pid}.{key}"] = v
+                meta["state"][str(pid)][key] = "tensor"
+            else:
+                meta["state"][str(pid)][key] = v
+    return tensors, meta
+
+
+def _load_opt_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{prefix}.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+def _model_and_tokenizer(loaded: Any) -> tuple[torch.nn.Module, Any]:
+    if isinstance(loaded, tuple) and len(loaded) == 2:
+        return loaded
+    if hasattr(loaded, "model") and hasattr(loaded, "tokenizer"):
+        return loaded.model, loaded.tokenizer
+    raise TypeError(f"train_clt needs a LoadedModel (with .model and .tokenizer) or a (model, tokenizer) pair, "
+                    f"got {type(loaded).__name__}")
+
+
+def _lr_factor(step: int, cfg: CLTTrainConfig) -> float:
+    total = cfg.total_steps
+    warm = min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
+    decay_start = total * (1 - cfg.lr_decay_frac)
+    decay = 1.0 if step < decay_start else max(0.0, (total - step) / max(1.0, total - decay_start))
+    return warm * decay
+
+
+def _lambda(step: int, cfg: CLTTrainConfig) -> float:
+    ramp = max(1.0, cfg.sparsity_ramp_frac * cfg.total_steps)
+    return cfg.sparsity_coef * min(1.0, (step + 1) / ramp)
+
+
+class _Trainer:
+    def __init__(self, n_layers: int, d_model: int, cfg: CLTTrainConfig):
+        self.cfg = cfg
+        self.clt = CLTModel(n_layers, d_model, cfg)
+        self.sparse_grad = cfg.sparse_decode and cfg.sparse_adam
+        if self.sparse_grad:
+            self.opts = [torch.optim.Adam(self.clt.dense_parameters(), lr=cfg.lr),
+                         torch.optim.SparseAdam(list(self.clt.W_dec), lr=cfg.lr)]
+        else:
+            self.opts = [torch.optim.Adam(self.clt.parameters(), lr=cfg.lr)]
+        self.in_scale = torch.ones(n_layers)
+        self.out_scale = torch.ones(n_layers)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+
+    @torch.no_grad()
+    def initialise_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data-dependent init from the first chunk: per-layer scales (E||x||^2 = d_model after scaling),
+        b_dec = mean output, and JumpReLU thresholds giving about ``threshold_init_l0`` active features."""
+        d = x.shape[-1]
+        self.in_scale = (x.pow(2).sum(-1).mean(0) / d).sqrt().clamp_min(1e-8)
+        self.out_scale = (y.pow(2).sum(-1).mean(0) / d).sqrt().clamp_min(1e-8)
+        xn, yn = x / self.in_scale[:, None], y / self.out_scale[:, None]
+        self.clt.b_dec.copy_(yn.mean(0))
+        if self.cfg.activation == "jumprelu":
+            pre = self.clt.pre_activations(xn[:2048])
+            q = 1 - min(1.0, self.cfg.threshold_init_l0 / self.cfg.d_transcoder)
+            theta = torch.quantile(pre.transpose(0, 1).reshape(self.clt.n_layers, -1), q, dim=1).clamp_min(1e-3)
+            self.clt.log_threshold.copy_(theta.log()[:, None].expand_as(self.clt.log_threshold))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        xn, yn = x / self.in_scale[:, None], y / self.out_scale[:, None]
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(self.step, cfg)
+            opt.zero_grad(set_to_none=True)
+        loss, info = self.clt.loss(xn, yn, _lambda(self.step, cfg), sparse_grad=self.sparse_grad)
+        loss.backward()
+        for opt in self.opts:
+            opt.step()
+        self.step += 1
+        return info
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, ckpt_dir: Path) -> None:
+        tensors = {f"model.{k}": v for k, v in self.clt.state_dict().items()}
+        tensors["in_scale"], tensors["out_scale"] = self.in_scale, self.out_scale
+        metas = []
+        for i, opt in enumerate(self.opts):
+            t, m = _dense_opt_state(opt, f"opt{i}")
+            tensors.update(t)
+            metas.append(m)
+        write_tensors(ckpt_dir / "state.safetensors", tensors)
+        # the JSON is written last: it is the commit record that says the tensors belong to this step
+        write_json(ckpt_dir / "state.json", {"step": self.step, "config": self.cfg.to_dict(), "optimizers": metas,
+                                              "history": self.history, "train_seconds": self.train_seconds})
+
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
+        meta = read_json(ckpt_dir / "state.json")
+        saved_cfg = CLTTrainConfig.from_dict(meta["config"])
+        if saved_cfg != self.cfg:
+            diff = {k: (v, getattr(self.cfg, k)) for k, v in saved_cfg.to_dict().items() if getattr(self.cfg, k) != v}
+            raise ValueError(f"checkpoint at {ckpt_dir} was written with a different config "
+                             f"(field: (checkpoint, requested)) {diff}; use a fresh out_dir or the same config")
+        tensors = read_tensors(ckpt_dir / "state.safetensors")
+        self.clt.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.in_scale, self.out_scale = tensors["in_scale"], tensors["out_scale"]
+        for i, (opt, m) in enumerate(zip(self.opts, meta["optimizers"])):
+            _load_opt_state(opt, f"opt{i}", tensors, m)
+        self.step, self.history, self.train_seconds = meta["step"], meta["history"], meta["train_seconds"]
+
+
+@torch.no_grad()
+def evaluate_clt(clt: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> dict[str, Any]:
+    """Metrics of a circuit-tracer ``CrossLayerTranscoder`` on raw activations x, y [n, L, d]:
+    per-layer NMSE = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (fraction of variance unexplained),
+    mean L0 per layer, and the fraction of features that never fire on these tokens."""
+    L, d = clt.n_layers, clt.d_model
+    err = torch.zeros(L)
+    l0 = torch.zeros(L)
+    fired = torch.zeros(L, clt.d_transcoder, dtype=torch.bool)
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i:i + batch].to(clt.dtype), y[i:i + batch].to(clt.dtype)
+        n = xb.shape[0]
+        acts = clt.encode(xb.transpose(0, 1))                      # [L, n, F], circuit-tracer's own encoder
+        recon = clt.b_dec.expand(n, L, d).clone()
+        for l in range(L):
+            tok, feat = acts[l].nonzero(as_tuple=True)
+            offsets = torch.searchsorted(tok, torch.arange(n))
+            dec = clt._get_decoder_vectors(l).reshape(clt.d_transcoder, -1)
+            recon[:, l:] += F.embedding_bag(feat, dec, offsets, mode="sum",
+                                            per_sample_weights=acts[l][tok, feat]).view(n, L - l, d)
+        err += (recon - yb).pow(2).sum(-1).sum(0).float()
+        l0 += (acts > 0).sum(-1).sum(-1).float()
+        fired |= (acts > 0).any(1)
+    var = (y - y.mean(0)).pow(2).sum(-1).sum(0)
+    nmse = err / var.clamp_min(1e-12)
+    return {"nmse_per_layer": nmse.tolist(), "nmse_mean": float(nmse.mean()),
+            "nmse_total": float(err.sum() / var.sum().clamp_min(1e-12)),
+            "l0_per_layer": (l0 / x.shape[0]).tolist(), "l0_mean": float(l0.mean() / x.shape[0]),
+            "dead_fraction_per_layer": (~fired).float().mean(1).tolist(),
+            "dead_fraction": float((~fired).float().mean()), "eval_tokens": int(x.shape[0])}
+
+
+def train_clt(loaded: Any, texts: Iterable[str] | str | Path, cfg: CLTTrainConfig, out_dir: str | Path,
+              max_steps: int | None = None, progress: bool = True) -> TrainResult:
+    """Train a CLT on ``texts`` for ``loaded`` (a LoadedModel or a (model, tokenizer) pair) and save it in
+    circuit-tracer's layout in ``out_dir/transcoder`` (``save_transcoder`` owns that directory) next to
+    ``metrics.json`` and ``train_config.json``.
+
+    Resumes from ``out_dir/checkpoint`` when present (same config required). ``max_steps`` stops after that
+    many steps in this call (time-sliced runs): a checkpoint is written and the result has
+    ``metrics["finished"] = False`` and no transcoder yet.
+    """
+    model, tokenizer = _model_and_tokenizer(loaded)
+    texts = read_texts(texts) if isinstance(texts, (str, Path)) else read_texts(list(texts))
+    if not texts:
+        raise ValueError("train_clt got no texts")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    model.eval()
+
+    stream = ActivationStream(model, tokenizer, texts, cfg)
+    trainer = _Trainer(stream.n_layers, model.config.hidden_size, cfg)
+    steps_per_chunk = cfg.chunk_tokens // cfg.batch_tokens
+    if (ckpt_dir / "state.json").exists():
+        trainer.load_checkpoint(ckpt_dir)
+    cfg.save(out_dir / CONFIG_FILE)
+
+    stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, trainer.step + max_steps)
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="CLT training", unit="step", disable=not progress)
+    chunks = stream.chunks(trainer.step // steps_per_chunk)
+    t_wall = time.perf_counter()
+    t_collect = 0.0
+    x_chunk = None
+    while trainer.step < stop_at:
+        t0 = time.perf_counter()
+        c, x_chunk, y_chunk = next(chunks)
+        t_collect += time.perf_counter() - t0
+        if trainer.step == 0:
+            trainer.initialise_from(x_chunk, y_chunk)
+        first = trainer.step - c * steps_per_chunk
+        for s in range(first, steps_per_chunk):
+            if trainer.step >= stop_at:
+                break
+            sl = slice(s * cfg.batch_tokens, (s + 1) * cfg.batch_tokens)
+            t0 = time.perf_counter()
+            info = trainer.train_step(x_chunk[sl], y_chunk[sl])
+            trainer.train_seconds += time.perf_counter() - t0
+            if trainer.step % cfg.log_every == 0 or trainer.step == stop_at:
+                trainer.history.append({"step": trainer.step, **info})
+                bar.set_postfix(loss=f"{info['loss']:.4f}", nmse=f"{info['nmse']:.3f}", l0=f"{info['l0']:.1f}")
+            bar.update(1)
+            if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.total_steps:
+                trainer.save_checkpoint(ckpt_dir)
+    bar.close()
+    wall = time.perf_counter() - t_wall
+    if trainer.step < cfg.total_steps:
+        trainer.save_checkpoint(ckpt_dir)
+        return TrainResult(out_dir / TRANSCODER_DIR, {"finished": False, "step": trainer.step,
+                                                      "history": trainer.history}, out_dir)
+
+    # ---- export: fold the normalisation into the weights, save, reload from disk, evaluate the saved model
+    if cfg.activation == "topk":
+        if x_chunk is None:  # resumed exactly at the end: re-collect one chunk for calibration
+            _, x_chunk, _ = next(stream.chunks(0))
+        threshold = calibrate_topk_thresholds(trainer.clt, x_chunk / trainer.in_scale[:, None])
+    else:
+        threshold = trainer.clt.log_threshold.detach().exp()
+    clt = to_circuit_tracer(trainer.clt, trainer.in_scale, trainer.out_scale, threshold, cfg)
+    tc_dir = out_dir / TRANSCODER_DIR
+    save_transcoder(clt, tc_dir, extra_config={"trained_by": "crafttrace.training", "train_config": cfg.to_dict()})
+    saved = load_transcoder(tc_dir)   # metrics describe the files on disk, not the in-memory model
+    x_eval, y_eval = stream.eval_set()
+    metrics: dict[str, Any] = {"finished": True, "step": trainer.step, "train_tokens": trainer.step * cfg.batch_tokens}
+    metrics.update(evaluate_clt(saved, x_eval, y_eval))
+    with torch.no_grad():  # the in-memory model (for TopK: before the JumpReLU export) on the same tokens
+        _, info = trainer.clt.loss(x_eval / trainer.in_scale[:, None], y_eval / trainer.out_scale[:, None], 0.0)
+    metrics["train_model_nmse_mean"] = info["nmse"]
+    if cfg.activation == "topk":
+        metrics["topk_nmse_mean"] = info["nmse"]
+    metrics["train_tokens_per_s"] = cfg.batch_tokens * cfg.total_steps / max(trainer.train_seconds, 1e-9)
+    metrics["collect_seconds_this_call"] = t_collect
+    metrics["wall_seconds_this_call"] = wall
+    metrics["history"] = trainer.history
+    write_json(out_dir / METRICS_FILE, metrics)
+    trainer.save_checkpoint(ckpt_dir)
+    return TrainResult(tc_dir, metrics, out_dir)

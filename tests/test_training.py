@@ -1,0 +1,221 @@
+"""CLT training: sparse decode == dense reference, loss falls, exact resume, saved CLT matches metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from crafttrace.training import (
+    ActivationStream, CLTModel, CLTTrainConfig, calibrate_topk_thresholds, read_texts, train_clt,
+)
+from crafttrace.transcoders import load_transcoder
+
+DATA = Path(os.environ.get("CRAFTTRACE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CORPUS = DATA / "text" / "corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    if not CORPUS.exists():
+        pytest.skip(f"text corpus not found at {CORPUS} (set CRAFTTRACE_DATA)")
+    return read_texts(CORPUS, limit=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(texts):
+    """A 3-layer random Llama (d_model 32) with a word-level tokenizer built from the corpus (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=500, special_tokens=["[UNK]", "<s>", "<pad>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(cfg).eval(), hf_tok
+
+
+def small_cfg(**kw) -> CLTTrainConfig:
+    base = dict(d_transcoder=64, activation="topk", k=4, batch_tokens=128, chunk_tokens=512, total_tokens=128 * 40,
+                context_length=32, collect_batch_size=8, eval_tokens=512, checkpoint_every=10, lr=3e-3,
+                lr_warmup_steps=5, log_every=5)
+    base.update(kw)
+    return CLTTrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ sparse == dense
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_sparse_decode_matches_dense_reference(activation, sparse_grad):
+    torch.manual_seed(0)
+    cfg = CLTTrainConfig(d_transcoder=48, activation=activation, k=5, bandwidth=0.5)
+    model = CLTModel(n_layers=3, d_model=16, cfg=cfg)
+    with torch.no_grad():
+        model.log_threshold.fill_(-0.5)  # some features active, some inside the STE window
+    x, y = torch.randn(40, 3, 16), torch.randn(40, 3, 16)
+    results = []
+    for sparse in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss, info = model.loss(x, y, lam=0.3, sparse=sparse, sparse_grad=sparse_grad and sparse)
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            grads[name] = g.to_dense() if g.is_sparse else g.clone()
+        results.append((loss.detach(), info, grads))
+        if sparse:
+            dec_grad_sparse = model.W_dec[0].grad.is_sparse
+    (ls, info_s, gs), (ld, info_d, gd) = results
+    assert 0 < info_s["l0"] < 48
+    torch.testing.assert_close(ls, ld, rtol=1e-5, atol=1e-6)
+    assert info_s["l0"] == pytest.approx(info_d["l0"])
+    for name in gd:
+        torch.testing.assert_close(gs[name], gd[name], rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    if activation == "jumprelu":
+        assert gd["log_threshold"].abs().sum() > 0  # the straight-through estimator is exercised
+    assert dec_grad_sparse == sparse_grad
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_train_topk_loss_falls_and_saved_clt_matches_metrics(tiny, texts, tmp_path):
+    cfg = small_cfg()
+    res = train_clt(tiny, texts, cfg, tmp_path / "run", progress=False)
+    m = res.metrics
+    assert m["finished"] and m["step"] == cfg.total_steps
+    hist = [h["loss"] for h in m["history"]]
+    assert hist[-1] < 0.7 * hist[0], hist
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["nmse_mean"] == pytest.approx(m["nmse_mean"])
+    assert CLTTrainConfig.from_pretrained(tmp_path / "run") == cfg
+
+    clt = load_transcoder(res.path)
+    assert (clt.n_layers, clt.d_transcoder, clt.d_model) == (3, 64, 32)
+    assert clt.feature_input_hook == "hook_resid_mid" and clt.feature_output_hook == "hook_mlp_out"
+    # independent dense recomputation of the saved model's NMSE on the held-out tokens
+    x, y = ActivationStream(tiny[0], tiny[1], texts, cfg).eval_set()
+    with torch.no_grad():
+        pre = torch.einsum("nld,lfd->nlf", x, clt.W_enc) + clt.b_enc
+        acts = pre * (pre > clt.activation_function.threshold.squeeze(1))
+        recon = clt.b_dec.expand_as(y).clone()
+        for l in range(3):
+            recon[:, l:] += torch.einsum("nf,fjd->njd", acts[:, l], clt.W_dec[l])
+    nmse = ((recon - y) ** 2).sum((0, 2)) / ((y - y.mean(0)) ** 2).sum((0, 2))
+    torch.testing.assert_close(nmse, torch.tensor(m["nmse_per_layer"]), rtol=1e-3, atol=1e-5)
+    assert m["nmse_mean"] < 0.9
+    l0 = (acts > 0).float().sum(-1).mean(0)
+    torch.testing.assert_close(l0, torch.tensor(m["l0_per_layer"]), rtol=1e-4, atol=1e-4)
+    # the JumpReLU export keeps TopK's sparsity roughly (calibrated on training tokens, measured held-out)
+    assert 0.5 * cfg.k < m["l0_mean"] < 2 * cfg.k
+    assert m["nmse_mean"] < m["topk_nmse_mean"] + 0.25
+
+
+def test_train_jumprelu_export_folds_normalisation(tiny, texts, tmp_path):
+    cfg = small_cfg(activation="jumprelu", total_tokens=128 * 30, sparsity_coef=1e-3, threshold_init_l0=8)
+    m = train_clt(tiny, texts, cfg, tmp_path / "run", progress=False).metrics
+    hist = [h["recon"] for h in m["history"]]
+    assert hist[-1] < 0.7 * hist[0], hist
+    # NMSE of the saved raw-activation CLT equals the in-memory model's on normalised activations
+    assert m["nmse_mean"] == pytest.approx(m["train_model_nmse_mean"], rel=1e-3, abs=1e-5)
+    assert 0 < m["l0_mean"] < cfg.d_transcoder
+
+
+def test_resume_reproduces_uninterrupted_run(tiny, texts, tmp_path):
+    cfg = small_cfg(total_tokens=128 * 14, checkpoint_every=3)   # 14 steps, 4 per chunk
+    full = train_clt(tiny, texts, cfg, tmp_path / "full", progress=False)
+    part = train_clt(tiny, texts, cfg, tmp_path / "part", max_steps=6, progress=False)  # stops mid-chunk
+    assert part.metrics == {"finished": False, "step": 6, "history": part.metrics["history"]}
+    assert not part.path.exists()
+    state = json.loads((tmp_path / "part" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 6
+    resumed = train_clt(tiny, texts, cfg, tmp_path / "part", progress=False)
+    assert resumed.metrics["step"] == 14
+    a, b = load_transcoder(full.path), load_transcoder(resumed.path)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"{name} differs after resume")
+    assert resumed.metrics["nmse_mean"] == pytest.approx(full.metrics["nmse_mean"], rel=1e-4)
+
+
+def test_resume_with_other_config_is_refused(tiny, texts, tmp_path):
+    cfg = small_cfg(total_tokens=128 * 6)
+    train_clt(tiny, texts, cfg, tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="different config.*d_transcoder"):
+        train_clt(tiny, texts, small_cfg(total_tokens=128 * 6, d_transcoder=32), tmp_path / "run", progress=False)
+
+
+def test_activation_stream_is_deterministic_and_skips_position_zero(tiny, texts):
+    cfg = small_cfg()
+    stream = ActivationStream(tiny[0], tiny[1], texts, cfg)
+    assert stream.prefix == [tiny[1].bos_token_id]
+    c2 = next(stream.chunks(2))
+    c0 = stream.chunks(0)
+    next(c0), next(c0)
+    again = next(c0)
+    assert c2[0] == again[0] == 2
+    assert torch.equal(c2[1], again[1]) and torch.equal(c2[2], again[2])
+    assert c2[1].shape == (cfg.chunk_tokens, 3, 32)
+    # every BOS position is dropped: the BOS residual is the same vector in every window
+    ids = torch.tensor([[tiny[1].bos_token_id, 5]])
+    from crafttrace.hooks import capture
+    with capture(tiny[0], "hook_resid_mid", [0]) as got, torch.no_grad():
+        tiny[0](ids)
+    bos_vec = got[0][0, 0]
+    assert not (c2[1][:, 0] - bos_vec).abs().amax(-1).lt(1e-6).any()
+
+
+def test_topk_threshold_calibration_matches_firing_rates():
+    torch.manual_seed(1)
+    cfg = CLTTrainConfig(d_transcoder=32, activation="topk", k=4)
+    model = CLTModel(2, 8, cfg)
+    x = torch.randn(2000, 2, 8)
+    theta = calibrate_topk_thresholds(model, x)
+    pre = model.pre_activations(x)
+    l0 = (pre > theta).float().sum(-1).mean(0)
+    assert ((l0 - 4).abs() < 1.0).all(), l0
+    assert (theta >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def test_config_roundtrip_and_validation(tmp_path):
+    cfg = CLTTrainConfig(d_transcoder=16, activation="topk", k=3)
+    assert CLTTrainConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert CLTTrainConfig.from_pretrained(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="chunk_tokens .* multiple of batch_tokens"):
+        CLTTrainConfig(batch_tokens=1000, chunk_tokens=1500)
+    with pytest.raises(ValueError, match="activation must be"):
+        CLTTrainConfig(activation="relu")
+    with pytest.raises(ValueError, match="k must be in"):
+        CLTTrainConfig(activation="topk", d_transcoder=8, k=9)
+    with pytest.raises(ValueError, match="unknown CLTTrainConfig fields.*bogus"):
+        CLTTrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="sparse_adam needs sparse_decode"):
+        CLTTrainConfig(sparse_decode=False, sparse_adam=True)
+
+
+def test_bad_inputs_give_clear_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_texts(tmp_path / "nope.jsonl")
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="no field 'text'"):
+        read_texts(p)
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n")
+    assert read_texts(tmp_path / "t.txt") == ["one", "two"]
+    with pytest.raises(TypeError, match="item 1 is int"):
+        read_texts(["a", 3])
+    with pytest.raises(TypeError, match="LoadedModel"):
+        train_clt(object(), ["a b c"], small_cfg(), tmp_path / "r")
+    with pytest.raises(ValueError, match="not enough text"):
+        train_clt(tiny, ["the cat"], small_cfg(), tmp_path / "r")
+    with pytest.raises(ValueError, match="unknown hook point"):
+        train_clt(tiny, ["the cat sat"] * 400, small_cfg(feature_output_hook="nope"), tmp_path / "r2", progress=False)
