@@ -94,9 +94,10 @@ def view_data(model: Model, highlight: Iterable[tuple[int, int] | str] = (),
             links.append([index[link["source"]], index[link["target"]], float(link["weight"])])
         except KeyError as e:
             raise ValueError(f"link {link['source']} -> {link['target']} names unknown node {e}") from None
-    missing = sorted(hl_ids - set(index))
+    missing = sorted(hl_ids - set(index)) + sorted(feats - {(d["layer"], d["feature"]) for d in nodes
+                                                             if d["kind"] == "feature"})
     if missing:
-        log.warning("highlighted node ids not in the graph: %s", missing)
+        log.warning("highlighted features / node ids not in this (pruned) graph: %s", missing)
     meta = model.metadata
     return {"meta": {"title": title or f"{meta.slug} — attribution graph ({meta.scan})", "prompt": meta.prompt,
                      "prompt_tokens": meta.prompt_tokens, "n_layers": n_layers, "slug": meta.slug},

@@ -136,6 +136,12 @@ def test_crafttrace_targets_get_roles():
     assert roles == {"refuse-minus-comply": "difference", "refuse": "refusal", "comply": "compliance"}
 
 
+def test_missing_highlight_is_reported(caplog):
+    data = view_data(frontend_graph(synthetic_graph(), prompt_tokens=TOKENS), highlight=[(2, 9), (3, 12345), "x_1_2"])
+    assert sum(n["highlight"] for n in data["nodes"]) >= 1
+    assert "(3, 12345)" in caplog.text and "x_1_2" in caplog.text
+
+
 def test_view_data_rejects_dangling_link():
     model = frontend_graph(synthetic_graph(), prompt_tokens=TOKENS)
     model.links.append({"source": "nope", "target": model.nodes[0].node_id, "weight": 1.0})
