@@ -26,6 +26,7 @@ the direction, and the final residual stream is free of it too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
 from crafttrace.hooks import _resolve_path, architecture
-from crafttrace.runs import write_json, write_tensors
+from crafttrace.runs import content_hash, read_json, write_json, write_tensors
 
 # ---------------------------------------------------------------------------------------------
 # Refusal / compliance token sets and first-token metrics
@@ -445,9 +446,19 @@ def _kl(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
 
 
 def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str], benign_val: Sequence[str],
-                     tokens: RefusalTokens, cfg: DirectionConfig) -> tuple[int, int, list[dict], dict, bool]:
-    """Score every (layer, position) candidate; return (layer, pos_index, scores, baseline, passed)."""
+                     tokens: RefusalTokens, cfg: DirectionConfig, checkpoint: str | os.PathLike | None = None
+                     ) -> tuple[int, int, list[dict], dict, bool]:
+    """Score every (layer, position) candidate; return (layer, pos_index, scores, baseline, passed).
+    With ``checkpoint`` (a JSON path) scores are saved after each candidate and a rerun on the same
+    candidates, prompts and tokens picks up where it stopped."""
     model = loaded.model
+    key = content_hash(hashlib.sha256(candidates.float().numpy().tobytes()).hexdigest(), list(harmful_val),
+                       list(benign_val), list(tokens.refusal_ids), list(tokens.compliance_ids))
+    done: dict[tuple[int, int], dict] = {}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = read_json(checkpoint)
+        if saved.get("key") == key:
+            done = {(r["layer"], r["position"]): r for r in saved["scores"]}
     L, P, _ = candidates.shape
     max_layer = int(L * (1 - cfg.prune_last_frac))
     bs = cfg.batch_size
@@ -456,10 +467,17 @@ def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str
     baseline = {"harmful_refusal_score": float(refusal_score(base_h, tokens).mean()),
                 "benign_refusal_score": float(refusal_score(base_b, tokens).mean())}
     scores = []
-    grid = [(l, p) for l in range(max_layer) for p in range(P)]
+    # a zero difference (e.g. layer 0 at template positions, where every prompt has the same embedding)
+    # is no direction at all: ablating or adding it is a no-op, so it is not a candidate
+    norms = candidates.norm(dim=-1)
+    grid = [(l, p) for l in range(max_layer) for p in range(P) if norms[l, p] > 1e-6 * norms.max()]
     if not grid:
-        raise ValueError(f"no candidate layers left after pruning the last {cfg.prune_last_frac:.0%} of {L} layers")
+        raise ValueError(f"no candidate directions left: {L} layers, last {cfg.prune_last_frac:.0%} pruned, "
+                         "and every remaining mean difference is zero")
     for l, p in tqdm(grid, desc="select direction"):
+        if (l, p - P) in done:
+            scores.append(done[(l, p - P)])
+            continue
         r = candidates[l, p]
         with ablate(model, r):
             abl_h = last_logits(loaded, harmful_val, bs, "ablate harmful", progress=False)
@@ -470,6 +488,8 @@ def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str
                        "bypass": float(refusal_score(abl_h, tokens).mean()),
                        "induce": float(refusal_score(add_b, tokens).mean()),
                        "kl": float(_kl(base_b, abl_b).mean())})
+        if checkpoint is not None:
+            write_json(checkpoint, {"key": key, "scores": scores})
     ok = [s for s in scores if s["kl"] < cfg.max_kl and s["induce"] > cfg.min_induce
           and all(math.isfinite(s[k]) for k in ("bypass", "induce", "kl"))]
     passed = bool(ok)
@@ -495,7 +515,8 @@ def find_direction(loaded, harmful: Sequence[str], benign: Sequence[str], tokens
     with torch.no_grad():
         cand = mean_diff(collect_resid(loaded, h_tr, P, cfg.batch_size, "harmful train"),
                          collect_resid(loaded, b_tr, P, cfg.batch_size, "benign train"))
-    layer, pidx, scores, baseline, passed = select_direction(loaded, cand, h_va, b_va, tokens, cfg)
+    ckpt = Path(out_dir) / "selection_progress.json" if out_dir is not None else None
+    layer, pidx, scores, baseline, passed = select_direction(loaded, cand, h_va, b_va, tokens, cfg, ckpt)
 
     # held-out separation: each layer's own candidate (at the chosen position) and the selected direction
     acts_h = collect_resid(loaded, h_te, P, cfg.batch_size, "harmful test")[:, :, pidx]

@@ -218,7 +218,8 @@ def test_find_direction_end_to_end_and_roundtrip(tiny, tmp_path):
     L, P = 4, 2
     assert rd.candidates.shape == (L, P, 32)
     assert rd.layer < int(L * 0.8) and -P <= rd.position < 0
-    assert len(rd.scores) == int(L * 0.8) * P
+    # layer 0's template positions have a zero mean difference and are not candidates
+    assert len(rd.scores) == (int(L * 0.8) - 1) * P and all(s["layer"] > 0 for s in rd.scores)
     best = min(rd.scores, key=lambda s: s["bypass"])
     assert (rd.layer, rd.position) == (best["layer"], best["position"])
     assert torch.equal(rd.direction, rd.candidates[rd.layer, rd.position + P])
@@ -255,3 +256,28 @@ def test_validate_direction_reports_all_arms(tiny, tmp_path):
         assert 0 <= s["generation_refusal_rate"] <= 1 and 0 <= s["degenerate_rate"] <= 1
     assert res["benign"]["added"]["refusal_score"] != res["benign"]["baseline"]["refusal_score"]
     assert (tmp_path / "validation.json").is_file()
+
+
+def test_selection_resumes_from_checkpoint(tiny, tmp_path, monkeypatch):
+    harm, safe = tiny_prompts()
+    cand = D.mean_diff(D.collect_resid(tiny, harm[:8], 2), D.collect_resid(tiny, safe[:8], 2))
+    cfg = D.DirectionConfig(max_kl=10.0, min_induce=-100.0)
+    ckpt = tmp_path / "progress.json"
+    first = D.select_direction(tiny, cand, harm[8:12], safe[8:12], TOKENS, cfg, ckpt)
+    assert len(json.loads(ckpt.read_text())["scores"]) == len(first[2])
+
+    def boom(*a, **k):
+        raise AssertionError("a finished candidate was recomputed")
+    monkeypatch.setattr(D, "ablate", boom)
+    assert D.select_direction(tiny, cand, harm[8:12], safe[8:12], TOKENS, cfg, ckpt) == first
+    with pytest.raises(AssertionError, match="recomputed"):  # other prompts: the checkpoint does not apply
+        D.select_direction(tiny, cand, harm[12:16], safe[8:12], TOKENS, cfg, ckpt)
+
+
+def test_accepts_crafttrace_token_sets():
+    from crafttrace.tokens import TokenSets
+    ts = TokenSets("t", ["sorry"], ["sure"], TOKENS.refusal_ids, TOKENS.compliance_ids)
+    logits = torch.randn(2, len(WORDS))
+    assert torch.equal(D.refusal_score(logits, ts), D.refusal_score(logits, TOKENS))
+    assert torch.equal(D.logit_diff(logits, ts), D.logit_diff(logits, TOKENS))
+    D.check_token_ids(ts, len(WORDS))
