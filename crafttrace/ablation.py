@@ -19,7 +19,6 @@ all counts as preserved). Features used for ranking and prompts used for evaluat
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attribution, boundary, ranking, runs, tokens
+from .capability import generate, mcnemar_exact, wilson
 from .steering import FeatureSteer, steer
 
 
@@ -69,57 +69,7 @@ class AblationConfig:
         return cls(**d)
 
 
-# --------------------------------------------------------------------------- statistics
-
-def mcnemar_exact(base: list[bool], new: list[bool]) -> tuple[float, int, int]:
-    """Two-sided exact McNemar p-value on paired correctness; returns (p, b, c) with b = lost, c = gained."""
-    if len(base) != len(new):
-        raise ValueError(f"McNemar needs paired answers: {len(base)} vs {len(new)}")
-    b = sum(1 for x, y in zip(base, new) if x and not y)
-    c = sum(1 for x, y in zip(base, new) if y and not x)
-    n = b + c
-    if n == 0:
-        return 1.0, b, c
-    k = min(b, c)
-    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * p), b, c
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-# --------------------------------------------------------------------------- generation + scoring
-
-@torch.no_grad()
-def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
-             desc: str = "generating") -> list[str]:
-    """Greedy, KV-cached, left-padded batch generation; returns the decoded responses only."""
-    model, tok = loaded.model, loaded.tokenizer
-    enc = [loaded.encode_prompt(p)[0] for p in prompts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
-        idx = order[s:s + batch_size]
-        T = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, T - len(enc[i]):] = enc[i]
-            mask[r, T - len(enc[i]):] = 1
-        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tok.eos_token_id)
-        for r, i in enumerate(idx):
-            out[i] = tok.decode(gen[r, T:], skip_special_tokens=True).strip()
-    return out
+# Statistics and batched greedy generation come from capability.py (exact McNemar, Wilson CIs).
 
 
 class TestbedScorer:
@@ -263,7 +213,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
                       cfg.influence_score, cfg.min_active_frac)
     runs.write_json(out / "ranking.json", rk.to_json())
     if rank_only:
-        return {"ranking": str(out / "ranking.json"), "attribution_seconds": t_attr}
+        return {"ranking": str(out / "ranking.json"), "attribution_seconds": t_attr, "ranking_object": rk}
 
     # 4. steering sweeps, scored on held-out boundary and plain prompts + capability
     scorer = TestbedScorer() if cfg.capability == "testbed" else TextScorer()

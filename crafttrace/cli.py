@@ -164,7 +164,7 @@ def steer_cmd(feature: str = typer.Argument(..., help="LAYER/INDEX"),
               out: Path = OUT):
     """Generate with and without one steered feature (forward hooks on the plain model)."""
     from . import runs
-    from .ablation import generate
+    from .capability import generate
     from .steering import FeatureSteer, steer
     loaded, clt = load(model, transcoder)
     layer, index = _parse_feature(feature)
@@ -211,6 +211,210 @@ def demo(out: Path = OUT, seed: int = typer.Option(0, help="testbed seed (0 is s
     t = time.time()
     _run_ablation(f"testbed:{seed}", None, None, out, influence_path=influence_path)
     typer.echo(f"demo finished in {time.time() - t:.1f} s")
+
+
+
+@app.command()
+def evaluate(responses: Optional[Path] = typer.Option(None, help="JSONL with 'prompt' and 'response' fields"),
+             out: Path = OUT):
+    """Validate the refusal detector on the human-labelled set; score a responses file if given."""
+    from . import evaluation, runs
+    rep = evaluation.validate_detector()
+    doc = {"detector_validation": rep.__dict__ if hasattr(rep, "__dict__") else rep}
+    typer.echo(f"refusal detector on human labels: {json.dumps(doc['detector_validation'], default=str)}")
+    if responses is not None:
+        from .data import load_dataset
+        recs = load_dataset(str(responses))
+        verdicts = evaluation.score_responses([r["prompt"] for r in recs], [r["response"] for r in recs])
+        doc["verdicts"] = [v.__dict__ if hasattr(v, "__dict__") else v for v in verdicts]
+        n = len(verdicts)
+        typer.echo(f"{n} responses scored")
+    runs.write_json(out / "evaluate.json", doc)
+
+
+@app.command("capability")
+def capability_cmd(task: str = typer.Option("mmlu", help="mmlu | gsm8k | ifeval | arc | testbed"),
+                   limit: int = 100, model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
+                   feature: Optional[str] = typer.Option(None, help="LAYER/INDEX to steer while measuring"),
+                   value: float = typer.Option(0.0, help="clamp value for --feature"), out: Path = OUT):
+    """Capability with and without a steered feature, paired: accuracy, Wilson CI, exact McNemar."""
+    from contextlib import nullcontext
+    from . import capability as cap, runs
+    from .steering import FeatureSteer, steer
+    loaded, clt = load(model, transcoder, need_transcoder=feature is not None)
+    if task == "testbed":
+        from .ablation import TestbedCapability
+        tb = TestbedCapability(limit)
+        def fn(steering=None):
+            with steering or nullcontext():
+                return tb.correct(loaded)
+    else:
+        fns = {"mmlu": cap.mmlu, "gsm8k": cap.gsm8k, "ifeval": cap.ifeval, "arc": cap.arc_challenge}
+        if task not in fns:
+            _fail(f"unknown capability task {task!r}; choose from {sorted(fns) + ['testbed']}")
+        fn = lambda steering=None: fns[task](loaded, limit=limit, steering=steering)  # noqa: E731
+    base = fn()
+    doc = {"task": task, "n": len(base), "accuracy": sum(base) / max(len(base), 1),
+           "accuracy_ci": cap.wilson(sum(base), len(base))}
+    if feature is not None:
+        layer, index = _parse_feature(feature)
+        new = fn(steering=steer(loaded.model, clt, [FeatureSteer(layer, index, "clamp", value)]))
+        p, lost, gained = cap.mcnemar_exact(base, new)
+        doc.update({"feature": [layer, index], "value": value, "steered_accuracy": sum(new) / len(new),
+                    "mcnemar_p": p, "lost": lost, "gained": gained})
+    runs.write_json(out / f"capability_{task}.json", doc)
+    typer.echo(json.dumps(doc, indent=1, default=str))
+
+
+@app.command()
+def export(graph: Path = typer.Argument(..., help="saved graph (graph_io dir or .safetensors)"),
+           out: Path = typer.Option(Path("graphs"), "--out", "-o"), slug: Optional[str] = None,
+           node_threshold: float = 0.8, edge_threshold: float = 0.98,
+           feature: list[str] = typer.Option([], help="LAYER/INDEX features for the refusal subgraph")):
+    """Export a graph: circuit-tracer/Neuronpedia JSON, GraphML, refusal subgraph."""
+    from .export import export_graph
+    feats = [_parse_feature(f) for f in feature]
+    paths = export_graph(graph, out, slug or graph.stem, node_threshold=node_threshold,
+                         edge_threshold=edge_threshold, features=feats)
+    for k, v in paths.items():
+        typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def view(graph: Path = typer.Argument(..., help="saved graph or exported frontend JSON"),
+         out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: GRAPH.html)"),
+         highlight: list[str] = typer.Option([], help="LAYER/INDEX features to highlight"),
+         serve_port: Optional[int] = typer.Option(None, "--serve", help="also serve it on localhost:PORT")):
+    """Write a self-contained offline HTML view of an attribution graph (no CDN, no network)."""
+    from . import viewer
+    html = viewer.write_view(graph, out or graph.with_suffix(".html"), [_parse_feature(h) for h in highlight])
+    typer.echo(f"wrote {html}")
+    if serve_port is not None:
+        viewer.serve(html, port=serve_port)
+
+
+@app.command()
+def serve(path: Path = typer.Argument(Path("graphs"), help="directory of exported graph JSON files"),
+          port: int = 8041):
+    """Run circuit-tracer's own frontend on localhost (its page loads d3 from CDNs: needs a browser online)."""
+    from circuit_tracer.frontend.local_server import serve as ct_serve
+    if not path.exists():
+        _fail(f"graph directory not found: {path}")
+    server = ct_serve(data_dir=str(path), port=port)
+    typer.echo(f"circuit-tracer frontend on http://localhost:{port} (Ctrl-C to stop)")
+    try:
+        import time
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+def _pools(harmful: str, benign: str, limit: int) -> tuple[list[str], list[str]]:
+    from .data import prompts
+    return prompts(harmful)[:limit], prompts(benign)[:limit]
+
+
+@app.command()
+def direction(model: str = MODEL, harmful: str = "testbed:harmful_train", benign: str = "testbed:benign_train",
+              limit: int = 200, token_set: str = typer.Option("testbed", "--set"),
+              config: Optional[Path] = typer.Option(None), out: Path = OUT):
+    """Refusal direction (difference of means), selection, separation and intervention checks."""
+    from .direction import DirectionConfig, find_direction
+    from .tokens import resolve
+    loaded, _ = load(model, None, need_transcoder=False)
+    h, b = _pools(harmful, benign, limit)
+    d = find_direction(loaded, h, b, resolve(loaded.tokenizer, token_set), DirectionConfig(**_config(config)),
+                       out_dir=out / "direction")
+    typer.echo(f"selected layer {d.layer}, position {d.position}; wrote {out / 'direction'}")
+
+
+@app.command()
+def patch(model: str = MODEL, harmful: str = "testbed:harmful_heldout", benign: str = "testbed:benign",
+          n_pairs: int = 16, token_set: str = typer.Option("testbed", "--set"), out: Path = OUT):
+    """Activation patching (resid / attn / MLP per layer x position, and per head) on matched pairs."""
+    from .patching import match_pairs, patch as run_patch
+    from .tokens import resolve
+    loaded, _ = load(model, None, need_transcoder=False)
+    h, b = _pools(harmful, benign, 10_000)
+    pairs = match_pairs(loaded, h, b, limit=n_pairs)
+    res = run_patch(loaded, pairs, resolve(loaded.tokenizer, token_set), out_dir=out / "patching")
+    typer.echo(f"{len(pairs)} pairs patched; top components: {json.dumps(res.top(5), default=str)}")
+
+
+@app.command()
+def compare(base: str = typer.Option(..., help="base model spec"), tuned: str = typer.Option(..., help="tuned model spec"),
+            transcoder: Optional[str] = typer.Option(None, help="transcoder of the tuned model"),
+            harmful: str = "testbed:harmful_train", benign: str = "testbed:benign_train", limit: int = 200,
+            token_set: str = typer.Option("testbed", "--set"), out: Path = OUT):
+    """Base vs safety-tuned: directions, separation, patching maps, direction-feature cosines."""
+    from .compare import compare_models
+    from .tokens import resolve
+    lb, _ = load(base, None, need_transcoder=False)
+    lt, clt = load(tuned, transcoder, need_transcoder=False)
+    h, b = _pools(harmful, benign, limit)
+    feats = []
+    if clt is not None and (out / "ranking.json").exists():
+        from . import runs
+        feats = [tuple(f) for f in runs.read_json(out / "ranking.json")["top"]["influence_boundary"][:10]]
+    compare_models(lb, lt, h, b, resolve(lb.tokenizer, token_set), out_dir=out / "compare", tc=clt, features=feats,
+                   tokens_tuned=resolve(lt.tokenizer, token_set))
+    typer.echo(f"wrote {out / 'compare'}")
+
+
+def _rank_for(model, transcoder, out):
+    """A Ranking for monitor/audit/drift: runs the ranking stage into OUT (cached effects make reruns cheap)."""
+    from .ablation import AblationConfig, run_ablation
+    d = {} if (model == "testbed" or model.startswith("testbed:")) else {"capability": "mmlu", "token_set": "extended"}
+    loaded, clt = load(model, transcoder)
+    res = run_ablation(loaded, clt, AblationConfig.from_dict(d), out, cache_key=f"{model}|{transcoder}",
+                       rank_only=True)
+    return loaded, clt, res["ranking_object"]
+
+
+@app.command()
+def monitor(model: str = MODEL, transcoder: Optional[str] = TRANSCODER, config: Optional[Path] = typer.Option(None),
+            out: Path = OUT):
+    """Refusal-circuit monitor: flags inputs where harm is detected but refusal is suppressed."""
+    from .monitor import MonitorRunConfig, run_monitor
+    loaded, clt, rk = _rank_for(model, transcoder, out)
+    res = run_monitor(loaded, clt, rk, out / "monitor", MonitorRunConfig.from_dict(_config(config)))
+    typer.echo(json.dumps({k: v for k, v in res.items() if k in ("plain", "wrapped", "summary")}, indent=1, default=str))
+
+
+@app.command()
+def audit(model: str = MODEL, transcoder: Optional[str] = TRANSCODER, config: Optional[Path] = typer.Option(None),
+          out: Path = OUT):
+    """Fragility report: how many single features flip refusal, at what strength and capability cost."""
+    from .audit import AuditConfig, run_audit
+    loaded, clt, rk = _rank_for(model, transcoder, out)
+    res = run_audit(loaded, clt, rk, out / "audit", AuditConfig.from_dict(_config(config)))
+    typer.echo(json.dumps(res.get("summary", {}), indent=1, default=str))
+
+
+@app.command()
+def drift(model_a: str = typer.Option(..., "--a", help="reference checkpoint"),
+          model_b: str = typer.Option(..., "--b", help="checkpoint to check"),
+          transcoder: Optional[str] = TRANSCODER, config: Optional[Path] = typer.Option(None), out: Path = OUT):
+    """Checkpoint drift: refusal features' activations, influence, steering sensitivity, direction cosine."""
+    from .drift import DriftConfig, run_drift
+    la, clt, rk = _rank_for(model_a, transcoder, out)
+    lb, _ = load(model_b, None, need_transcoder=False)
+    res = run_drift(la, lb, clt, rk, out / "drift", cfg=DriftConfig.from_dict(_config(config)))
+    typer.echo(f"regression: {res['regression']} {res.get('reasons', [])}")
+
+
+@app.command("train-clt")
+def train_clt_cmd(model: str = typer.Option(..., "--model", "-m"), text: str = typer.Option("text", help="data set "
+                  "name or .jsonl/.txt path"), config: Optional[Path] = typer.Option(None, help="CLTTrainConfig JSON"),
+                  max_steps: Optional[int] = typer.Option(None, help="stop after N steps (resumable)"),
+                  out: Path = typer.Option(Path("runs/clt"), "--out", "-o")):
+    """Train a cross-layer transcoder (sparse decode, checkpoints, resume) in circuit-tracer's layout."""
+    from .training import CLTTrainConfig, train_clt
+    loaded, _ = load(model, None, need_transcoder=False)
+    cfg = CLTTrainConfig.from_dict(_config(config))
+    res = train_clt(loaded, text, cfg, out, max_steps=max_steps)
+    typer.echo(json.dumps(res.metrics, indent=1, default=str)[:2000])
 
 
 @data_app.command("list")

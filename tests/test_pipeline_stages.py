@@ -8,7 +8,7 @@ import torch
 from lead_fixtures import tiny_clt, tiny_model
 
 from crafttrace import attribution, boundary, ranking, runs, tokens
-from crafttrace.ablation import mcnemar_exact, wilson
+from crafttrace.capability import mcnemar_exact, wilson
 
 
 @pytest.fixture(scope="module")
