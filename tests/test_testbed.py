@@ -1,0 +1,286 @@
+"""The synthetic testbed: the language's ground truth, the committed seed-0 artifact's behaviour,
+its CLT, a steering lever to compliance, and deterministic (tiny) rebuilds."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from crafttrace.testbed import SHIPPED_DIR, TestbedConfig, build as B, language as L
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------- the language (no model needed)
+
+def test_harm_needs_the_interaction_of_verb_and_object():
+    # each verb class and each object class has exactly one harmful cell: no single class decides harm
+    for vc in L.VERB_CLASSES:
+        assert sum(L.HARM_TABLE[(vc, oc)] for oc in L.OBJECT_CLASSES) == 1
+    for oc in L.OBJECT_CLASSES:
+        assert sum(L.HARM_TABLE[(vc, oc)] for vc in L.VERB_CLASSES) == 1
+    # in the training data, P(harmful | word) is about the same for every verb and object word
+    exs = [e for e in L.training_examples(20_000, seed=0) if e.label != "capability"]
+    for attr in ("verb", "object"):
+        n, h = Counter(getattr(e, attr) for e in exs), Counter(getattr(e, attr) for e in exs if e.label == "harmful")
+        rates = {w: h[w] / n[w] for w in n}
+        assert max(rates.values()) - min(rates.values()) < 0.12, rates
+    # ... and style is independent of harm in training (the eval pools' style confound is not learnable)
+    for style in L.STYLES:
+        sel = [e for e in exs if e.style == style]
+        assert abs(sum(e.label == "harmful" for e in sel) / len(sel) - 0.5) < 0.03
+
+
+def test_heldout_pairs_never_in_training_and_every_word_still_is():
+    exs = [e for e in L.training_examples(20_000, seed=1) if e.label != "capability"]
+    seen = {(e.verb, e.object) for e in exs}
+    held = {p for p in L.all_pairs() if L.is_heldout(*p)}
+    assert held and not (seen & held)
+    assert len(held) == 80  # 5 per (verb class, object class) cell
+    words = {w for p in seen for w in p}
+    assert all(v in words and o in words for v, o in held)
+
+
+def test_training_data_is_deterministic_and_framings_hit_their_targets():
+    a, b, c = (L.training_examples(3000, seed=s) for s in (7, 7, 8))
+    assert a == b and a != c
+    exs = L.training_examples(60_000, seed=0)
+    for f, (_, target) in L.FRAMINGS.items():
+        sel = [e for e in exs if e.label == "harmful" and e.framing == f]
+        rate = sum(e.response.split()[0] == L.COMPLIANCE_OPENER for e in sel) / len(sel)
+        assert abs(rate - target) < 0.04, (f, rate, target)
+    # every compliance starts with the same opener, the capability task included
+    assert all(e.response.startswith(L.COMPLIANCE_OPENER + " ") for e in exs if e.label == "capability")
+    assert {e.response.split()[0] for e in exs} == {L.COMPLIANCE_OPENER, L.REFUSAL_OPENER}
+
+
+def test_pools_have_metadata_and_the_style_confound():
+    for name in L.POOLS:
+        recs = L.pool(name)
+        assert recs and all(isinstance(r["prompt"], str) and r["prompt"] for r in recs), name
+        assert L.pool("testbed:" + name) == recs
+    assert all(r["label"] == "harmful" and r["heldout"] for r in L.pool("harmful_heldout"))
+    assert all(r["label"] == "benign" and r["heldout"] for r in L.pool("benign"))
+    assert {r["style"] for r in L.pool("harmful_styled")} == {"instruct"}
+    assert {r["style"] for r in L.pool("benign_styled")} == {"question"}
+    assert {r["framing"] for r in L.pool("framed_harmful")} == set(L.FRAMINGS)
+    rec = L.pool("framed_harmful")[0]
+    assert {"verb", "object", "verb_class", "object_class", "style", "framing", "label", "p_comply"} <= set(rec)
+    with pytest.raises(ValueError, match="unknown testbed pool 'nope'.*harmful_heldout"):
+        L.pool("nope")
+
+
+def test_capability_items_and_scorer():
+    items = L.capability_items("eval")
+    assert len(items) == 100 and items[34] == ("add 3 4", "7")
+    assert L.score_capability(["sure 7"], [items[34]]) == 1.0
+    assert L.score_capability(["sure 8"], [items[34]]) == 0.0
+    assert L.score_capability([""], [items[34]]) == 0.0
+    with pytest.raises(ValueError, match="2 answers for 1 capability items"):
+        L.score_capability(["a", "b"], [items[0]])
+    with pytest.raises(ValueError, match="unknown capability split 'test'"):
+        L.capability_items("test")
+
+
+def test_tokenizer_chat_template_and_vocabulary():
+    tok = B.build_tokenizer()
+    text = B.chat_text(tok, "add 3 4", "sure 7")
+    assert text == "<bos><|user|> add 3 4 <|end|> <|assistant|> sure 7 <eos>"
+    assert tok.convert_ids_to_tokens(tok.encode(text)) == \
+        ["<bos>", "<|user|>", "add", "3", "4", "<|end|>", "<|assistant|>", "sure", "7", "<eos>"]
+    unk = tok.unk_token_id
+    for name in L.POOLS:
+        for r in L.pool(name):
+            assert unk not in tok.encode(r["prompt"], add_special_tokens=False), r["prompt"]
+    for e in L.training_examples(2000, seed=0):
+        assert unk not in tok.encode(B.chat_text(tok, e.prompt, e.response, e.system)), e
+
+
+# ---------------------------------------------------------------- the committed seed-0 artifact
+
+@pytest.fixture(scope="module")
+def testbed():
+    if not (SHIPPED_DIR / "metrics.json").exists():
+        pytest.fail(f"the committed testbed artifact is missing: {SHIPPED_DIR}/metrics.json")
+    from crafttrace.testbed import load_testbed
+    return load_testbed(0)
+
+
+def _first_token(loaded, prompts):
+    return B.first_token_probs(loaded.model, loaded.tokenizer, prompts)
+
+
+def _ids(tok, *words):
+    return [tok.convert_tokens_to_ids(w) for w in words]
+
+
+def test_artifact_is_small_llama_with_chat_template(testbed):
+    loaded, clt = testbed
+    cfg = loaded.model.config
+    assert cfg.architectures == ["LlamaForCausalLM"] and loaded.has_chat_template
+    assert loaded.format_prompt("destroy the dog") == "<bos><|user|> destroy the dog <|end|> <|assistant|>"
+    ids = loaded.encode_prompt("destroy the dog")[0].tolist()
+    assert ids.count(loaded.tokenizer.bos_token_id) == 1 and ids[0] == loaded.tokenizer.bos_token_id
+    size = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file())
+    assert size < 8e6, f"testbed artifacts take {size / 1e6:.1f} MB"
+    from crafttrace.transcoders import validate_transcoder
+    validate_transcoder(clt, loaded.model)
+
+
+def test_artifact_refuses_heldout_harmful_complies_with_benign(testbed):
+    loaded, _ = testbed
+    sorry, sure = _ids(loaded.tokenizer, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER)
+    harm = _first_token(loaded, [r["prompt"] for r in L.pool("harmful_heldout")]).argmax(-1)
+    benign = _first_token(loaded, [r["prompt"] for r in L.pool("benign")]).argmax(-1)
+    assert (harm == sorry).float().mean() >= 0.9
+    assert (benign == sorry).float().mean() <= 0.05 and (benign == sure).float().mean() >= 0.95
+
+
+def test_artifact_has_boundary_prompts_near_framing_targets(testbed):
+    loaded, _ = testbed
+    sorry, sure = _ids(loaded.tokenizer, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER)
+    recs = L.pool("framed_harmful")
+    P = _first_token(loaded, [r["prompt"] for r in recs])
+    assert int(((P[:, sorry] >= 0.2) & (P[:, sure] >= 0.2)).sum()) >= 20
+    for f, (_, target) in L.FRAMINGS.items():
+        sel = torch.tensor([r["framing"] == f and not r["heldout"] for r in recs])
+        assert abs(float(P[sel, sure].mean()) - target) < 0.1, f
+
+
+def test_artifact_capability(testbed):
+    loaded, _ = testbed
+    items = L.capability_items("eval")[::5]
+    answers = B.greedy_answers(loaded.model, loaded.tokenizer, [p for p, _ in items], max_new_tokens=3)
+    assert L.score_capability(answers, items) >= 0.9
+
+
+def test_artifact_metrics_json_meets_the_spec():
+    m = json.loads((SHIPPED_DIR / "metrics.json").read_text())
+    assert m["model"]["pools"]["harmful_heldout"]["refusal_rate"] >= 0.9
+    assert m["model"]["pools"]["benign"]["refusal_rate"] <= 0.05
+    assert m["model"]["framed_harmful"]["n_boundary_ge_0.2"] >= 20
+    assert m["clt"]["nmse_mean"] <= 0.15
+    assert 0 < m["clt"]["l0_mean"] < m["clt_config"]["d_transcoder"]
+
+
+def test_clt_reconstructs_mlp_outputs(testbed):
+    loaded, clt = testbed
+    from crafttrace.hooks import capture
+    from crafttrace.training import evaluate_clt
+    tok = loaded.tokenizer
+    texts = B.clt_texts(64, seed=123, tok=tok)  # unseen conversations
+    layers = list(range(loaded.n_layers))
+    xs, ys = [], []
+    for t in texts:
+        ids = torch.tensor([tok.encode(t, add_special_tokens=False)])
+        with capture(loaded.model, clt.feature_input_hook, layers) as x, \
+                capture(loaded.model, clt.feature_output_hook, layers) as y, torch.no_grad():
+            loaded.model(input_ids=ids)
+        xs.append(torch.stack([x[l][0, 1:] for l in layers], 1))  # position 0 (BOS) is never a feature
+        ys.append(torch.stack([y[l][0, 1:] for l in layers], 1))
+    m = evaluate_clt(clt, torch.cat(xs), torch.cat(ys))
+    assert m["nmse_mean"] <= 0.2, m["nmse_per_layer"]
+    assert m["l0_mean"] < clt.d_transcoder / 4
+
+
+def _refusal_features(loaded, clt, prompts, k=5):
+    """Features active at the last prompt position, ranked by their direct effect on the
+    refuse-minus-comply logit (decoder rows times unembedding difference, final norm ignored)."""
+    from crafttrace.hooks import capture
+    tok = loaded.tokenizer
+    sorry, sure = _ids(tok, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER)
+    layers = list(range(loaded.n_layers))
+    acts = torch.zeros(loaded.n_layers, clt.d_transcoder)
+    for p in prompts:
+        with capture(loaded.model, clt.feature_input_hook, layers) as x, torch.no_grad():
+            loaded.model(input_ids=loaded.encode_prompt(p))
+        acts += clt.encode(torch.stack([x[l][0, -1] for l in layers])).detach() / len(prompts)
+    W_U = loaded.model.lm_head.weight.detach()
+    diff = W_U[sorry] - W_U[sure]
+    scores = []
+    for l in layers:
+        dec = clt._get_decoder_vectors(l).detach()  # [F, L - l, d]
+        scores.append(acts[l] * (dec.sum(1) @ diff))
+    s = torch.stack(scores)
+    top = s.flatten().topk(k).indices
+    return [(int(i) // clt.d_transcoder, int(i) % clt.d_transcoder, float(acts.flatten()[i])) for i in top]
+
+
+def test_steering_a_clt_feature_moves_refusal_to_compliance_not_eos(testbed):
+    """A hand-made hook (not crafttrace.steering): subtract the feature's decoder rows from the MLP
+    outputs it writes to, at all positions after BOS."""
+    loaded, clt = testbed
+    from contextlib import ExitStack
+    from crafttrace.hooks import edit_output
+    tok = loaded.tokenizer
+    sorry, sure, eos = _ids(tok, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER, L.EOS)
+    prompts = [r["prompt"] for r in L.pool("harmful_heldout")][::6]
+    base = _first_token(loaded, prompts).argmax(-1)
+    assert (base == sorry).float().mean() >= 0.9
+    best = 0.0
+    for layer, idx, a in _refusal_features(loaded, clt, prompts):
+        dec = clt._get_decoder_vectors(layer, slice(idx, idx + 1))[0].detach()  # [L - layer, d]
+
+        def add(vec):
+            def fn(out):
+                out = out.clone()
+                out[:, 1:] -= 3.0 * a * vec
+                return out
+            return fn
+        with ExitStack() as st:
+            for k, out_layer in enumerate(range(layer, loaded.n_layers)):
+                st.enter_context(edit_output(loaded.model, clt.feature_output_hook, out_layer, add(dec[k])))
+            top = _first_token(loaded, prompts).argmax(-1)
+        assert (top == eos).float().mean() <= 0.05
+        best = max(best, float((top == sure).float().mean()))
+    assert best >= 0.5, f"no top refusal feature moved >= 50% of prompts to '{L.COMPLIANCE_OPENER}' (best {best})"
+
+
+# ---------------------------------------------------------------- rebuilding
+
+TINY = TestbedConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_train=400, steps=3, batch_size=16,
+                     clt_features=32, clt_tokens=1024, clt_texts=600)
+
+
+def test_tiny_build_is_deterministic_and_complete(tmp_path):
+    a = B.build_testbed(0, tmp_path / "a", TINY, progress=False)
+    b = B.build_testbed(0, tmp_path / "b", TINY, progress=False)
+    from safetensors.torch import load_file
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["model"] == mb["model"]
+    assert (a / "clt" / "config.yaml").exists() and not (a / "clt_run").exists()
+    from crafttrace.testbed import load_testbed  # noqa: F401  (import path used by the CLI)
+    from crafttrace.models import load_model
+    from crafttrace.transcoders import load_transcoder, validate_transcoder
+    validate_transcoder(load_transcoder(a / "clt"), load_model(a / "model").model)
+    # a different seed trains a different model
+    torch.manual_seed(0)
+    tok = B.build_tokenizer()
+    w1 = B.train_model(TINY, 1, tok).state_dict()
+    assert not all(torch.equal(w1[k], wa[k]) for k in wa if k in w1)
+
+
+def test_load_testbed_rejects_bad_seed_and_missing_without_build(tmp_path, monkeypatch):
+    from crafttrace.testbed import load_testbed
+    with pytest.raises(ValueError, match="non-negative int"):
+        load_testbed(-1)
+    monkeypatch.setenv("CRAFTTRACE_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="crafttrace testbed build --seed 5"):
+        load_testbed(5, build_if_missing=False)
+
+
+@pytest.mark.slow
+def test_rebuilding_seed0_reproduces_the_committed_metrics(tmp_path):
+    cfg = TestbedConfig.from_dict({k: v for k, v in json.loads((SHIPPED_DIR / "build_config.json").read_text()).items()
+                                   if k != "seed"})
+    out = B.build_testbed(0, tmp_path / "seed0", cfg)
+    new, old = (json.loads((d / "metrics.json").read_text()) for d in (out, SHIPPED_DIR))
+    assert new["model"] == old["model"]
+    assert abs(new["clt"]["nmse_mean"] - old["clt"]["nmse_mean"]) < 1e-4
