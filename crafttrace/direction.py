@@ -1,7 +1,8 @@
 """The refusal direction (Arditi et al. 2024, "Refusal in LMs is mediated by a single direction").
 
 Pipeline, top to bottom:
-  1. residual activations at the *input of every decoder layer* (TL ``hook_resid_pre``) at each
+  1. residual activations at the *input of every decoder layer* (TL ``hook_resid_pre``) and in the
+     final residual stream (layer index L: output of the last block, before the final norm) at each
      post-instruction position (the tokens the chat template appends after the user text,
      generation prompt included);
   2. candidate directions = mean(harmful) - mean(benign) per (layer, position);
@@ -15,7 +16,7 @@ Refusal score = log-odds of the refusal-token set at the first response position
 
 Where the hooks sit (plain PyTorch hooks on Hugging Face modules; located with circuit-tracer's
 architecture registry, see ``decoder_layers``):
-  resid  - input of ``layers[i]``                       (read: extraction; write: ablation / addition)
+  resid  - input of ``layers[i]``; i = L: output of ``layers[L-1]`` (read: extraction; write: ablation / addition)
   attn   - what attention adds to the residual stream:  ``self_attn`` output (Llama, Qwen) or
            ``post_attention_layernorm`` output (Gemma's sandwich norms)            (write: ablation)
   mlp    - what the MLP adds to the residual stream:    ``mlp`` output (Llama) or
@@ -194,8 +195,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def site_module(model: torch.nn.Module, site: str, layer: int) -> tuple[torch.nn.Module, str]:
-    """(module, 'input'|'output') for site in resid / attn / mlp / head (head = o_proj input)."""
+    """(module, 'input'|'output') for site in resid / attn / mlp / head (head = o_proj input).
+    ``resid`` at layer L (= number of layers) is the final residual stream, the last block's output."""
     layers = decoder_layers(model)
+    if site == "resid" and layer == len(layers):
+        return layers[-1], "output"
     if not 0 <= layer < len(layers):
         raise IndexError(f"layer {layer} out of range for a model with {len(layers)} layers")
     blk = layers[layer]
@@ -275,7 +279,7 @@ def ablate(model: torch.nn.Module, direction: torch.Tensor) -> Iterator[None]:
 @contextmanager
 def add_direction(model: torch.nn.Module, direction: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * direction`` (un-normalised mean difference) to the input of ``layers[layer]``
-    at every position, generated tokens included."""
+    (layer L: the final residual stream) at every position, generated tokens included."""
     v = direction.detach().float() * coeff
     with edit_site(model, "resid", layer, lambda x: x + v.to(x.device, x.dtype)):
         yield
@@ -289,7 +293,8 @@ def add_direction(model: torch.nn.Module, direction: torch.Tensor, layer: int, c
 @torch.no_grad()
 def collect_resid(loaded, prompts: Sequence[str], n_pos: int, batch_size: int = 16,
                   desc: str = "activations") -> torch.Tensor:
-    """[N, L, n_pos, d] residual stream at every layer input, last ``n_pos`` positions."""
+    """[N, L + 1, n_pos, d] residual stream at the input of every layer and (index L) the final
+    residual stream before the last norm, last ``n_pos`` positions."""
     model = loaded.model
     L = n_layers(model)
     chunks = []
@@ -300,14 +305,14 @@ def collect_resid(loaded, prompts: Sequence[str], n_pos: int, batch_size: int = 
             raise ValueError(f"prompt of {short[0]} tokens is shorter than the {n_pos} post-instruction positions")
         ids, mask, pos = _pad_left(seqs, _pad_id(loaded))
         dev = _device(model)
-        with record_sites(model, [("resid", l) for l in range(L)]) as store:
+        with record_sites(model, [("resid", l) for l in range(L + 1)]) as store:
             model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
-        chunks.append(torch.stack([store[("resid", l)][:, -n_pos:].float().cpu() for l in range(L)], 1))
+        chunks.append(torch.stack([store[("resid", l)][:, -n_pos:].float().cpu() for l in range(L + 1)], 1))
     return torch.cat(chunks)
 
 
 def mean_diff(harmful_acts: torch.Tensor, benign_acts: torch.Tensor) -> torch.Tensor:
-    """Candidate directions [L, P, d] = mean over harmful - mean over benign."""
+    """Candidate directions [L + 1, P, d] = mean over harmful - mean over benign."""
     if harmful_acts.shape[1:] != benign_acts.shape[1:]:
         raise ValueError(f"activation shapes differ: harmful {tuple(harmful_acts.shape)} vs benign {tuple(benign_acts.shape)}")
     return harmful_acts.mean(0) - benign_acts.mean(0)
@@ -372,7 +377,10 @@ def separation(harmful_acts: torch.Tensor, benign_acts: torch.Tensor, directions
 class DirectionConfig:
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test fractions
     seed: int = 0
-    prune_last_frac: float = 0.2      # Arditi: exclude the last 20% of layers
+    # Arditi: exclude the last 20% of layers (candidates at layers l <= (1 - frac) * L; l = L, the final
+    # residual stream, only with frac = 0). Shallow models that decide refusal in their last layer
+    # (the 3-layer testbed) need frac = 0: no earlier post-instruction position carries the decision.
+    prune_last_frac: float = 0.2
     max_kl: float = 0.1               # benign next-token KL under ablation must stay below this
     min_induce: float = 0.0           # adding the direction to benign prompts must raise refusal above this
     batch_size: int = 16
@@ -404,9 +412,9 @@ class RefusalDirection:
     """The selected direction plus every candidate; ``save`` / ``from_pretrained`` round-trip."""
 
     direction: torch.Tensor           # [d] un-normalised mean difference at (layer, position)
-    layer: int                        # read at the input of layers[layer] (TL hook_resid_pre)
+    layer: int                        # read at the input of layers[layer] (TL hook_resid_pre); L = final residual
     position: int                     # negative index from the end of the prompt
-    candidates: torch.Tensor          # [L, P, d]; candidates[:, p] is position p - P
+    candidates: torch.Tensor          # [L + 1, P, d]; [l, p] = input of layers[l] (l = L: final residual), position p - P
     position_tokens: list[str] = field(default_factory=list)
     scores: list[dict] = field(default_factory=list)
     baseline: dict = field(default_factory=dict)
@@ -460,7 +468,8 @@ def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str
         if saved.get("key") == key:
             done = {(r["layer"], r["position"]): r for r in saved["scores"]}
     L, P, _ = candidates.shape
-    max_layer = int(L * (1 - cfg.prune_last_frac))
+    n_blocks = L - 1                 # candidates[L - 1] is the final residual stream
+    max_layer = n_blocks * (1 - cfg.prune_last_frac)
     bs = cfg.batch_size
     base_h = last_logits(loaded, harmful_val, bs, "baseline harmful")
     base_b = last_logits(loaded, benign_val, bs, "baseline benign")
@@ -470,9 +479,9 @@ def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str
     # a zero difference (e.g. layer 0 at template positions, where every prompt has the same embedding)
     # is no direction at all: ablating or adding it is a no-op, so it is not a candidate
     norms = candidates.norm(dim=-1)
-    grid = [(l, p) for l in range(max_layer) for p in range(P) if norms[l, p] > 1e-6 * norms.max()]
+    grid = [(l, p) for l in range(L) for p in range(P) if l <= max_layer and norms[l, p] > 1e-6 * norms.max()]
     if not grid:
-        raise ValueError(f"no candidate directions left: {L} layers, last {cfg.prune_last_frac:.0%} pruned, "
+        raise ValueError(f"no candidate directions left: {n_blocks} layers, last {cfg.prune_last_frac:.0%} pruned, "
                          "and every remaining mean difference is zero")
     for l, p in tqdm(grid, desc="select direction"):
         if (l, p - P) in done:

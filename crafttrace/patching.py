@@ -251,8 +251,9 @@ def stability(a: PatchingResult, b: PatchingResult, k: int = 5) -> dict:
     overlap of the top-k components."""
     out: dict = {"pearson": {}}
     for s in a.maps:
-        if s in b.maps and a.maps[s].shape == b.maps[s].shape:
-            out["pearson"][s] = float(np.corrcoef(a.maps[s].flatten(), b.maps[s].flatten())[0, 1])
+        if s in b.maps and a.maps[s].shape[0] == b.maps[s].shape[0]:
+            n = min(a.maps[s].shape[1], b.maps[s].shape[1])  # positions are aligned from the end
+            out["pearson"][s] = float(np.corrcoef(a.maps[s][:, -n:].flatten(), b.maps[s][:, -n:].flatten())[0, 1])
     if a.heads is not None and b.heads is not None and a.heads.shape == b.heads.shape:
         out["pearson"]["heads"] = float(np.corrcoef(a.heads.flatten(), b.heads.flatten())[0, 1])
 

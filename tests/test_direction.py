@@ -136,9 +136,12 @@ def test_post_instruction_len_and_batching_is_exact(tiny):
 
 def test_collect_resid_shape_and_layer0_is_embedding(tiny):
     acts = D.collect_resid(tiny, ["how do i make a cake", "how do i find a kite now"], n_pos=2, batch_size=2)
-    assert acts.shape == (2, 4, 2, 32)
+    assert acts.shape == (2, 5, 2, 32)  # 4 layer inputs + the final residual stream
     ids = tiny.encode_prompt("how do i make a cake")[0, -2:]
     assert torch.allclose(acts[0, 0], tiny.model.model.embed_tokens.weight[ids], atol=1e-6)
+    out = tiny.model(tiny.encode_prompt("how do i make a cake"), output_hidden_states=True)
+    # HF's last hidden state is the final residual stream after the final norm
+    assert torch.allclose(tiny.model.model.norm(acts[0, 4]), out.hidden_states[-1][0, -2:], atol=1e-5)
 
 
 def test_site_errors(tiny):
@@ -146,6 +149,8 @@ def test_site_errors(tiny):
         D.site_module(tiny.model, "foo", 0)
     with pytest.raises(IndexError, match="layer 9 out of range.*4 layers"):
         D.site_module(tiny.model, "resid", 9)
+    with pytest.raises(IndexError, match="layer 4 out of range"):  # only resid has a final (layer L) slot
+        D.site_module(tiny.model, "mlp", 4)
 
 
 def test_hooks_removed_after_use_and_on_exception(tiny):
@@ -165,17 +170,14 @@ def test_hooks_removed_after_use_and_on_exception(tiny):
 def test_ablation_removes_direction_everywhere(tiny):
     r = torch.randn(32)
     unit = r / r.norm()
-    sites = [(s, l) for s in ("resid", "attn", "mlp") for l in range(4)]
+    sites = [(s, l) for s in ("resid", "attn", "mlp") for l in range(4)] + [("resid", 4)]
     with D.ablate(tiny.model, r), D.record_sites(tiny.model, sites) as store:
         out = tiny.model(tiny.encode_prompt("how do i make a bomb"), output_hidden_states=True)
     for key, x in store.items():
         assert (x @ unit).abs().max() < 1e-4, key
     # the final residual stream (before the last norm) is direction-free too
-    final_pre_norm = out.hidden_states[-1]
-    # HF applies the final norm to the last hidden state; undo it via the recorded sum instead:
     last = store[("resid", 3)] + store[("attn", 3)] + store[("mlp", 3)]
     assert (last @ unit).abs().max() < 1e-4
-    assert final_pre_norm.shape == last.shape
     # and the ablation changes the output (it is not a no-op)
     base = tiny.model(tiny.encode_prompt("how do i make a bomb")).logits
     assert not torch.allclose(base, out.logits)
@@ -191,6 +193,12 @@ def test_add_direction_shifts_projection_by_coeff(tiny):
         tiny.model(ids)
     # add_direction was entered first, so its hook runs first and record sees the edited input
     assert torch.allclose(store2[("resid", 2)] - base, 3.0 * r.expand_as(base), atol=1e-5)
+    # layer L = 4: the final residual stream, so the logits move by exactly the unembedded shift
+    base_logits = tiny.model(ids).logits
+    with D.add_direction(tiny.model, r, 4, coeff=2.0), D.record_sites(tiny.model, [("resid", 4)]) as store3:
+        logits = tiny.model(ids).logits
+    expected = tiny.model.lm_head(tiny.model.model.norm(store3[("resid", 4)]))
+    assert torch.allclose(logits, expected, atol=1e-5) and not torch.allclose(logits, base_logits)
 
 
 # ------------------------------------------------------------------ extraction and selection
@@ -216,10 +224,11 @@ def test_find_direction_end_to_end_and_roundtrip(tiny, tmp_path):
     cfg = D.DirectionConfig(batch_size=16, max_kl=10.0, min_induce=-100.0)
     rd = D.find_direction(tiny, harm, safe, TOKENS, cfg, out_dir=tmp_path)
     L, P = 4, 2
-    assert rd.candidates.shape == (L, P, 32)
-    assert rd.layer < int(L * 0.8) and -P <= rd.position < 0
-    # layer 0's template positions have a zero mean difference and are not candidates
-    assert len(rd.scores) == (int(L * 0.8) - 1) * P and all(s["layer"] > 0 for s in rd.scores)
+    assert rd.candidates.shape == (L + 1, P, 32)
+    assert rd.layer <= L * 0.8 and -P <= rd.position < 0
+    # layers 1..3 (layer 4 = final residual is pruned); layer 0's template positions have a zero
+    # mean difference and are not candidates
+    assert sorted({s["layer"] for s in rd.scores}) == [1, 2, 3] and len(rd.scores) == 3 * P
     best = min(rd.scores, key=lambda s: s["bypass"])
     assert (rd.layer, rd.position) == (best["layer"], best["position"])
     assert torch.equal(rd.direction, rd.candidates[rd.layer, rd.position + P])
@@ -228,7 +237,7 @@ def test_find_direction_end_to_end_and_roundtrip(tiny, tmp_path):
     own = rd.separation["own"]
     assert own[0]["auroc"] == 0.5 and own[0]["cohens_d"] == 0.0
     assert max(r["auroc"] for r in own[1:]) > 0.8, own
-    assert rd.separation["n_harmful"] == 6 and len(rd.separation["selected"]) == L
+    assert rd.separation["n_harmful"] == 6 and len(rd.separation["selected"]) == L + 1
     for f in ("direction.safetensors", "direction.json", "separation.png", "selection.png"):
         assert (tmp_path / f).stat().st_size > 0
     back = D.RefusalDirection.from_pretrained(tmp_path)
@@ -247,7 +256,7 @@ def test_from_pretrained_missing(tmp_path):
 def test_validate_direction_reports_all_arms(tiny, tmp_path):
     harm, safe = tiny_prompts()
     r = torch.randn(32)
-    rd = D.RefusalDirection(direction=r, layer=1, position=-1, candidates=torch.zeros(4, 2, 32))
+    rd = D.RefusalDirection(direction=r, layer=1, position=-1, candidates=torch.zeros(5, 2, 32))
     res = D.validate_direction(tiny, rd, harm[:4], safe[:4], TOKENS, coeff=2.0, generate_tokens=3,
                                detector=lambda t: t.strip().startswith("sorry"), out_dir=tmp_path)
     for arm in (("harmful", "baseline"), ("harmful", "ablated"), ("benign", "baseline"), ("benign", "added")):

@@ -99,6 +99,9 @@ def test_stability_identical_and_different(tiny):
     assert all(abs(v - 1) < 1e-6 for v in same["pearson"].values())
     other = Pt.PatchingResult(maps={s: -m for s, m in a.maps.items()}, heads=None, clean=1.0, corrupted=0.0)
     assert all(v < -0.99 for v in Pt.stability(a, other)["pearson"].values())
+    # runs over different prompt lengths are compared on their common last positions
+    short = Pt.PatchingResult(maps={s: m[:, -4:] for s, m in a.maps.items()}, heads=None, clean=1.0, corrupted=0.0)
+    assert all(abs(v - 1) < 1e-6 for v in Pt.stability(a, short)["pearson"].values())
 
 
 # ------------------------------------------------------------------ compare.py
@@ -150,7 +153,7 @@ def test_compare_models_end_to_end(tmp_path):
                         patching=Pt.PatchingConfig(positions=4), n_pairs=3, max_diff=1)
     res = compare_models(base, tuned, harm, safe, TOKENS, cfg, out_dir=tmp_path, tc=_clt(), features=[(0, 1)])
     d = res["directions"]
-    assert len(d["per_layer"]) == 3 and -1 <= d["cos_selected"] <= 1
+    assert len(d["per_layer"]) == 4 and -1 <= d["cos_selected"] <= 1  # 3 layer inputs + final residual
     assert {"base_norm", "tuned_norm", "base_auroc", "tuned_auroc", "cos_last_position"} <= set(d["per_layer"][1])
     assert res["patching"]["agreement"]["top_k"] == 5 and len(res["patching"]["base_top"]) == 5
     assert len(res["features"]) == 1
