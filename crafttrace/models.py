@@ -164,12 +164,15 @@ def _load_preset(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
             gguf = preset_gguf(name)
             model, tok = _load_gguf(gguf, torch.float32)  # save exact dequantised values
             tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=".hf-"))
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            (tmp / "crafttrace_source.json").write_text(json.dumps(marker))
-            if hf_dir.exists():
-                shutil.rmtree(hf_dir)
-            os.replace(tmp, hf_dir)
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+                (tmp / "crafttrace_source.json").write_text(json.dumps(marker))
+                if hf_dir.exists():
+                    shutil.rmtree(hf_dir)
+                os.replace(tmp, hf_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             del model
     loaded = _load_hf_dir(hf_dir, dtype, device, name=name, local_only=True)
     loaded.source = f"preset {name} (GGUF sha256 {preset.sha256[:12]}..., converted at {hf_dir})"
@@ -319,18 +322,32 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CRAFTTRACE_OFFLINE"))
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe: without it, huggingface_hub retries an unreachable host for about 90 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(repo_id: str, dtype: torch.dtype, device: str) -> LoadedModel:
     """The local HF cache first; the hub only when online. Every failure becomes one clear error."""
     errors = []
-    for local_only in ([True] if _hub_offline() else [True, False]):
+    online = not _hub_offline() and _hub_reachable()
+    for local_only in ([True, False] if online else [True]):
         try:
             tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only)
             return _finish(model, tok, dtype, device, repo_id, f"hub {repo_id}" + (" (local HF cache)" * local_only))
         except Exception as e:  # hub / network / missing-file errors come in many types
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    why = "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE/CRAFTTRACE_OFFLINE is set" if _hub_offline() else \
-        "the Hugging Face hub was not reachable or has no such model"
+    why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE/CRAFTTRACE_OFFLINE is set" if _hub_offline() else
+           "the Hugging Face hub is not reachable" if not online else "the hub could not provide it")
     raise ModelLoadError(
         f"cannot load model {repo_id!r}: not a local path, not in the local Hugging Face cache, and {why} "
         f"({errors[-1]}). Use a preset ({', '.join(PRESETS)}), a local HF directory or a .gguf file.")
