@@ -50,9 +50,12 @@ class PromptPair:
 
 
 def match_pairs(loaded, harmful: Sequence[str], benign: Sequence[str], max_diff: int = 2,
-                limit: int | None = None) -> list[PromptPair]:
+                limit: int | None = None, diff_positions: Sequence[int] | None = None) -> list[PromptPair]:
     """Pair each harmful prompt with an unused benign prompt of the same token length that differs
-    in the fewest tokens (at most ``max_diff``); prompts without such a partner are skipped."""
+    in the fewest tokens (at most ``max_diff``); prompts without such a partner are skipped.
+    ``diff_positions`` (negative indices from the end) restricts where the two may differ, e.g.
+    only at the object slot, so that every pair's map lines up."""
+    allowed = None if diff_positions is None else {int(p) for p in diff_positions}
     enc_b = [encode(loaded, b) for b in benign]
     by_len: dict[int, list[int]] = defaultdict(list)
     for j, ids in enumerate(enc_b):
@@ -65,7 +68,10 @@ def match_pairs(loaded, harmful: Sequence[str], benign: Sequence[str], max_diff:
         for j in by_len.get(len(ids), []):
             if j in used:
                 continue
-            d = int((enc_b[j] != ids).sum())
+            diff = (enc_b[j] != ids).nonzero().flatten() - len(ids)
+            if allowed is not None and not set(diff.tolist()) <= allowed:
+                continue
+            d = len(diff)
             if 0 < d < best_d:
                 best, best_d = j, d
         if best is not None:

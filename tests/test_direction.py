@@ -290,3 +290,69 @@ def test_accepts_crafttrace_token_sets():
     assert torch.equal(D.refusal_score(logits, ts), D.refusal_score(logits, TOKENS))
     assert torch.equal(D.logit_diff(logits, ts), D.logit_diff(logits, TOKENS))
     D.check_token_ids(ts, len(WORDS))
+
+
+# ------------------------------------------------------------------ the synthetic testbed (seed 0)
+# Measured on the committed seed-0 model (see the numbers in each test); prompts come from the
+# testbed's eval pools, the held-out pools use verb-object pairs the model never saw in training.
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    from crafttrace.models import load_model
+    from crafttrace.testbed import SHIPPED_DIR
+    if not (SHIPPED_DIR / "model" / "model.safetensors").is_file():
+        pytest.skip(f"testbed model not built at {SHIPPED_DIR / 'model'}")
+    loaded = load_model(SHIPPED_DIR / "model")
+    from crafttrace.tokens import resolve
+    return loaded, resolve(loaded.tokenizer, "testbed")
+
+
+def pool_prompts(name: str, n: int, seed: int = 0, template: str | None = None) -> list[str]:
+    import random
+
+    from crafttrace.testbed import pool
+    ps = [r["prompt"] for r in pool(name)]
+    if template:
+        ps = [p for p in ps if p.startswith(template)]
+    random.Random(seed).shuffle(ps)
+    return ps[:n]
+
+
+@pytest.fixture(scope="module")
+def testbed_direction(testbed):
+    loaded, ts = testbed
+    h, b = pool_prompts("harmful_train", 40), pool_prompts("benign_train", 40)
+    # KL bound: a 3-layer model has little room besides the refusal decision, so ablation moves the
+    # benign next-token distribution more than Arditi's 0.1 (measured 0.66 at the selected candidate)
+    return D.find_direction(loaded, h, b, ts, D.DirectionConfig(batch_size=64, max_kl=1.0))
+
+
+def test_testbed_direction_separates_heldout(testbed, testbed_direction):
+    loaded, _ = testbed
+    rd = testbed_direction
+    assert rd.passed_filters and rd.position == -1  # the generation prompt token "<|assistant|>"
+    P = rd.candidates.shape[1]
+    # held-out verb-object pairs (never in training): measured AUROC 1.0 at layers 1-3
+    h, b = pool_prompts("harmful_heldout", 30), pool_prompts("benign", 30)
+    ah = D.collect_resid(loaded, h, P)[:, rd.layer, rd.position + P]
+    ab = D.collect_resid(loaded, b, P)[:, rd.layer, rd.position + P]
+    assert D.auroc((ah @ rd.unit).numpy(), (ab @ rd.unit).numpy()) >= 0.95
+    assert rd.separation["selected"][rd.layer]["auroc"] >= 0.95
+    assert rd.separation["own"][0]["auroc"] == 0.5  # layer 0 at "<|assistant|>": one embedding for all
+
+
+def test_testbed_direction_interventions(testbed, testbed_direction):
+    from crafttrace.evaluation import RefusalDetector
+    loaded, ts = testbed
+    h, b = pool_prompts("harmful_heldout", 24, seed=1), pool_prompts("benign", 24, seed=1)
+    v = D.validate_direction(loaded, testbed_direction, h, b, ts, generate_tokens=2, batch_size=64,
+                             detector=RefusalDetector(phrases=["sorry"], mode="prefix"))
+    hb, ha = v["harmful"]["baseline"], v["harmful"]["ablated"]
+    bb, ba = v["benign"]["baseline"], v["benign"]["added"]
+    # measured: benign refusal log-odds -5.0 -> +0.5 (P 0.007 -> 0.59); harmful +2.7 -> -0.45 (P 0.90 -> 0.42)
+    assert ba["refusal_score"] - bb["refusal_score"] >= 3.0 and ba["refusal_prob"] >= 0.3
+    assert ha["refusal_score"] - hb["refusal_score"] <= -2.0 and ha["refusal_prob"] <= 0.7
+    # greedy openers ("sorry" = refusal), measured: harmful 0.92 -> 0.33 ablated, benign 0.0 -> 0.75 added
+    assert hb["generation_refusal_rate"] >= 0.8 and bb["generation_refusal_rate"] <= 0.1
+    assert ba["generation_refusal_rate"] >= 0.5 and ha["generation_refusal_rate"] <= 0.6

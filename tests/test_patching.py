@@ -29,6 +29,10 @@ def test_match_pairs_same_length_min_diff(tiny):
         assert a.shape == b.shape and int((a != b).sum()) == 1
     assert len({p.corrupted for p in pairs}) == len(pairs)  # each benign prompt used once
     assert len(Pt.match_pairs(tiny, harm, safe, limit=3)) == 3
+    # only the verb slot may differ ("how do i <verb> a <object> <eot> <asst>": verb at -5)
+    by_verb = Pt.match_pairs(tiny, harm, [s.replace("make", "find") for s in harm], diff_positions=[-5])
+    assert by_verb and all(p.clean.split()[-1] == p.corrupted.split()[-1] for p in by_verb)
+    assert Pt.match_pairs(tiny, harm, safe, diff_positions=[-5]) == []  # harm/safe differ in the object
 
 
 def test_patch_exact_at_layer0_and_hooks_removed(tiny, tmp_path):
@@ -163,3 +167,51 @@ def test_compare_models_end_to_end(tmp_path):
     rd = RefusalDirection.from_pretrained(tmp_path / "base" / "direction")
     same = compare_directions(rd, rd)
     assert all(abs(r["cos_last_position"] - 1) < 1e-5 for r in same["per_layer"][1:])
+
+
+# ------------------------------------------------------------------ the synthetic testbed (seed 0)
+
+
+def _object_pairs(loaded, seed: int, n: int = 10) -> list[Pt.PromptPair]:
+    """Harmful / benign "how do i <verb> a <object> ?" prompts (held-out verb-object pairs) that
+    differ only in the object word, sampled with ``seed``."""
+    from test_direction import pool_prompts
+    h = pool_prompts("harmful_heldout", 200, seed, template="how do i")
+    b = pool_prompts("benign", 600, seed, template="how do i")
+    pairs = Pt.match_pairs(loaded, h, b, max_diff=1, limit=n, diff_positions=[-4])  # "<obj> ? <|end|> <|assistant|>"
+    assert len(pairs) == n and all(p.clean.split()[3] == p.corrupted.split()[3] for p in pairs)
+    return pairs
+
+
+def test_testbed_patching_map_is_stable_across_prompt_samples():
+    from crafttrace.models import load_model
+    from crafttrace.testbed import SHIPPED_DIR
+    from crafttrace.tokens import resolve
+    if not (SHIPPED_DIR / "model" / "model.safetensors").is_file():
+        pytest.skip(f"testbed model not built at {SHIPPED_DIR / 'model'}")
+    loaded = load_model(SHIPPED_DIR / "model")
+    ts = resolve(loaded.tokenizer, "testbed")
+    runs = []
+    for seed in (0, 1):
+        pairs = _object_pairs(loaded, seed)
+        runs.append(Pt.patch(loaded, pairs, ts))
+    a, b = runs
+    assert {p["clean"] for p in a.pairs} != {p["clean"] for p in b.pairs}  # two different samples
+    # measured (seeds 0 / 1): one head, layer 0 head 0, moves the object to "<|assistant|>" (1.15 / 1.13;
+    # the other 11 heads |effect| < 0.1); attn L0, mlp L0, resid L1, resid L2 at -1 all 1.13-1.14;
+    # mlp L2 @ -1 0.43; Pearson of every map across the two samples >= 0.999
+    for r in runs:
+        top5 = {(t["site"], t["layer"], t.get("position"), t.get("head")) for t in r.top(5)}
+        assert top5 == {("head", 0, None, 0), ("attn", 0, -1, None), ("mlp", 0, -1, None),
+                        ("resid", 1, -1, None), ("resid", 2, -1, None)}
+        assert all(t["effect"] > 0.9 for t in r.top(5))
+        heads = r.heads.clone()
+        heads[0, 0] = 0
+        assert heads.abs().max() < 0.2
+        # pairs differ only in the object, so its layer-0 residual (the embedding) restores the clean run
+        # exactly; before the object nothing can matter (causal attention)
+        assert abs(float(r.maps["resid"][0, -4]) - 1) < 1e-4
+        assert r.maps["resid"][:, :-4].abs().max() < 1e-4
+    st = Pt.stability(a, b, k=5)
+    assert st["top_k_overlap"] == 1.0
+    assert all(v >= 0.99 for v in st["pearson"].values()), st
