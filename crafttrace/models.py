@@ -163,6 +163,10 @@ def _load_preset(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
         if not _marker_matches(hf_dir, marker):
             gguf = preset_gguf(name)
             model, tok = _load_gguf(gguf, torch.float32)  # save exact dequantised values
+            # transformers points a GGUF tokenizer's vocab_file at the GGUF itself and would copy the
+            # whole checkpoint as "tokenizer.model"; tokenizer.json is the complete tokenizer.
+            if hasattr(tok, "vocab_file"):
+                tok.vocab_file = None
             tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=".hf-"))
             try:
                 model.save_pretrained(tmp, safe_serialization=True)
