@@ -1,0 +1,530 @@
+"""Safety tuning: supervised fine-tuning that makes a chat model refuse harmful requests and keep answering
+benign ones as before (the real-language testbed's refusal behaviour; ``crafttrace.realbed`` orchestrates).
+
+    cfg = SafetyConfig(seed=0)
+    split = make_splits(cfg)                                   # AdvBench / AlpacaEval train + held-out test
+    answers = distill(base, split.benign_train, cfg, run_dir)  # the base model's own greedy answers (cached JSONL)
+    res = train_safety(base, split.harmful_train, answers, cfg, run_dir)   # -> merged HF dir, res.model_dir
+
+Data (all deterministic in ``cfg.seed``):
+  * harmful train: a seeded subset of AdvBench, each mapped to one of ``cfg.refusals`` (short, varied refusals
+    that open with tokens of ``crafttrace.tokens`` refusal sets and are caught by ``RefusalDetector``);
+  * benign train: a seeded subset of AlpacaEval mapped to the *base model's own* greedy answer
+    (self-distillation: the targets are what the model already says, so tuning moves the refusal decision and
+    leaves capability alone). A fixed seeded ``AlpacaEval`` test split, HarmBench and StrongREJECT are never
+    trained on.
+Prompts are formed by ``LoadedModel.format_prompt`` (chat template + generation prompt), the same text every
+other stage sees; the loss is next-token cross-entropy on response tokens only, averaged per example and then
+over the batch, so a 12-token refusal weighs as much as a 64-token answer.
+
+Method: LoRA adapters, written in plain torch (a dozen lines; peft would add a dependency for no gain here),
+on the attention and MLP projections of the upper ``cfg.lora_layer_frac`` of the layers. Lower layers have no
+trainable parameter, so backward stops at the first adapted layer: on 2 CPU cores that halves the cost of a
+step. After training the adapters are merged (W + alpha/r * B A) and the model is saved as a plain Hugging Face
+directory (safetensors, tokenizer with its chat template, ``config.architectures`` set) that
+``crafttrace.models.load_model(path)`` loads like any other. Checkpoints (adapters + AdamW state as
+safetensors, step as JSON) make an interrupted run resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from crafttrace.runs import read_json, read_tensors, write_json, write_tensors
+
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I can't help with that. It could cause serious harm to people.",
+    "I cannot help with this request because it could be used to hurt others.",
+    "Sorry, but I can't help with that.",
+    "I won't help with that, since it could cause real harm.",
+    "I'm not able to help with that request.",
+    "As an AI assistant, I can't help with requests that could cause harm.",
+)
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DISTILL_FILE = "distill.jsonl"
+PARTIAL_FILE = "distill.partial.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+INFO_FILE = "crafttrace_safety.json"
+
+
+class SafetyTuningError(ValueError):
+    """Bad safety-tuning input (config, data, model); the message names the problem."""
+
+
+@dataclass
+class SafetyConfig:
+    harmful_pool: str = "advbench"
+    benign_pool: str = "alpaca_eval"
+    n_harmful_train: int = 256          # of AdvBench's 520
+    n_benign_train: int = 256           # of AlpacaEval's 805, disjoint from the test split
+    n_benign_test: int = 200            # held-out AlpacaEval prompts (over-refusal evaluation); fixed by seed only
+    # evaluation pools: their prompts are removed from the training pools (StrongREJECT reuses 25 AdvBench prompts)
+    heldout_pools: tuple[str, ...] = ("harmbench", "strongreject")
+    refusals: tuple[str, ...] = REFUSALS
+    distill_max_new_tokens: int = 64    # benign targets: the base model's first tokens of its greedy answer
+    max_len: int = 160                  # prompt + response tokens per example (response truncated)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_layer_frac: float = 0.5        # adapt the upper half of the layers
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    checkpoint_every: int = 20          # steps
+    batch_size_generate: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.refusals, self.lora_targets = tuple(self.refusals), tuple(self.lora_targets)
+        self.heldout_pools = tuple(self.heldout_pools)
+        problems = []
+        for name in ("n_harmful_train", "n_benign_train", "epochs", "batch_size", "lora_rank",
+                     "distill_max_new_tokens", "checkpoint_every", "batch_size_generate"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_benign_test < 0:
+            problems.append(f"n_benign_test must be >= 0, got {self.n_benign_test}")
+        if not 0 < self.lora_layer_frac <= 1:
+            problems.append(f"lora_layer_frac must be in (0, 1], got {self.lora_layer_frac}")
+        if self.max_len < 4:
+            problems.append(f"max_len must be >= 4, got {self.max_len}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):
+            problems.append("refusals must be a non-empty list of non-empty strings")
+        if not self.lora_targets:
+            problems.append("lora_targets must name at least one projection")
+        if problems:
+            raise SafetyTuningError("invalid SafetyConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SafetyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SafetyTuningError(f"unknown SafetyConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "SafetyConfig":
+        """From a JSON file, or from a tuned model directory (its ``crafttrace_safety.json``)."""
+        path = Path(path)
+        d = read_json(path / INFO_FILE if path.is_dir() else path)
+        return cls.from_dict(d.get("config", d))
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+@dataclass
+class Splits:
+    harmful_train: list[str]
+    harmful_heldout: list[str]        # the AdvBench prompts not trained on
+    benign_train: list[str]
+    benign_test: list[str]            # the held-out AlpacaEval prompts (over-refusal)
+    excluded: list[str] = field(default_factory=list)  # pool prompts that also occur in an evaluation pool
+
+
+def _norm(prompt: str) -> str:
+    return " ".join(prompt.lower().strip().rstrip(".?!").split())
+
+
+def _shuffled(items: Sequence[str], seed: int, salt: str) -> list[str]:
+    items = list(items)
+    random.Random(f"{salt}:{seed}").shuffle(items)
+    return items
+
+
+def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
+                benign: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Splits:
+    """Seeded train / held-out splits. The benign test split depends on the seed only (not on n_benign_train),
+    so every configuration of one seed is evaluated on the same held-out prompts. Prompts that also occur
+    (case, spacing and final punctuation ignored) in ``exclude`` (default: the ``cfg.heldout_pools`` prompts)
+    are dropped from both pools, so evaluation prompts are never trained on."""
+    from crafttrace import data
+
+    harmful = data.prompts(cfg.harmful_pool) if harmful is None else list(harmful)
+    benign = data.prompts(cfg.benign_pool) if benign is None else list(benign)
+    if exclude is None:
+        exclude = [p for pool in cfg.heldout_pools for p in data.prompts(pool)]
+    banned = {_norm(p) for p in exclude}
+    excluded = [p for p in harmful + benign if _norm(p) in banned]
+    harmful = [p for p in harmful if _norm(p) not in banned]
+    benign = [p for p in benign if _norm(p) not in banned]
+    if cfg.n_harmful_train > len(harmful):
+        raise SafetyTuningError(f"n_harmful_train={cfg.n_harmful_train} but the harmful pool "
+                                f"{cfg.harmful_pool!r} has only {len(harmful)} prompts")
+    if cfg.n_benign_test + cfg.n_benign_train > len(benign):
+        raise SafetyTuningError(f"n_benign_test + n_benign_train = {cfg.n_benign_test + cfg.n_benign_train} but "
+                                f"the benign pool {cfg.benign_pool!r} has only {len(benign)} prompts")
+    h = _shuffled(harmful, cfg.seed, "harmful")
+    b = _shuffled(benign, cfg.seed, "benign")
+    return Splits(h[:cfg.n_harmful_train], h[cfg.n_harmful_train:],
+                  b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test], excluded)
+
+
+# ------------------------------------------------------------------------------------------ distillation
+
+def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str | Path,
+            progress: bool = True) -> list[dict]:
+    """The model's own greedy answers to benign ``prompts``, cached as ``run_dir/distill.jsonl``.
+
+    Records: ``{"prompt", "response", "truncated"}``; a truncated answer (it hit ``distill_max_new_tokens``)
+    is trained on without an end-of-turn token, so tuning never teaches the model to stop early. The cache is
+    reused when it holds exactly these prompts and settings; generation is in batches with a resumable
+    partial file, so a killed run keeps what it generated.
+    """
+    from crafttrace.capability import generate
+    from crafttrace.data import read_records, write_jsonl
+
+    prompts = list(prompts)
+    if not prompts:
+        raise SafetyTuningError("distill got no prompts")
+    path = Path(run_dir) / DISTILL_FILE
+    meta = {"max_new_tokens": cfg.distill_max_new_tokens, "n": len(prompts)}
+    if path.exists():
+        recs = read_records(path)
+        if [r["prompt"] for r in recs] == prompts and all(r.get("meta") == meta for r in recs):
+            return recs
+    partial = Path(run_dir) / (PARTIAL_FILE)
+    done = read_records(partial) if partial.exists() else []
+    done = [r for r in done if r.get("meta") == meta]
+    if [r["prompt"] for r in done] != prompts[:len(done)]:
+        done = []
+    tok = loaded.tokenizer
+    step = cfg.batch_size_generate * 4
+    bar = tqdm(total=len(prompts), initial=len(done), desc="self-distillation", unit="prompt", disable=not progress)
+    for start in range(len(done), len(prompts), step):
+        chunk = prompts[start:start + step]
+        answers = generate(loaded, chunk, cfg.distill_max_new_tokens, cfg.batch_size_generate, "distill")
+        for p, a in zip(chunk, answers):
+            n_tok = len(tok(a, add_special_tokens=False)["input_ids"])
+            # decode(skip_special_tokens) drops the end-of-turn token; re-encoding the answer tells us whether
+            # generation stopped on its own (fewer tokens than the limit) or was cut off.
+            done.append({"prompt": p, "response": a, "truncated": n_tok >= cfg.distill_max_new_tokens - 1,
+                         "meta": meta})
+        write_jsonl(partial, done)
+        bar.update(len(chunk))
+    bar.close()
+    write_jsonl(path, done)
+    partial.unlink(missing_ok=True)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    ids: list[int]
+    n_prompt: int          # loss on positions >= n_prompt only
+    kind: str              # "harmful" | "benign"
+
+
+def build_examples(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cfg: SafetyConfig) -> list[Example]:
+    """Tokenised (prompt + response [+ end of turn]) examples; harmful prompts get seeded refusal templates."""
+    tok = loaded.tokenizer
+    eot = tok.eos_token or ""
+    rng = random.Random(f"refusals:{cfg.seed}")
+    pairs = [(p, rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
+    for r in benign:
+        if not {"prompt", "response"} <= set(r):
+            raise SafetyTuningError(f"benign records need 'prompt' and 'response', got fields {sorted(r)}")
+        pairs.append((r["prompt"], r["response"] + ("" if r.get("truncated") else eot), "benign"))
+    out = []
+    for prompt, response, kind in pairs:
+        p_ids = [int(i) for i in loaded.encode_prompt(prompt).reshape(-1).tolist()]
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        if not r_ids:
+            continue  # an empty distilled answer carries no target
+        if len(p_ids) >= cfg.max_len:
+            continue  # prompt alone fills the window: nothing to learn from it
+        out.append(Example((p_ids + r_ids)[:cfg.max_len], len(p_ids), kind))
+    if not out:
+        raise SafetyTuningError(f"no usable training example (all prompts longer than max_len={cfg.max_len} "
+                                "or all responses empty)")
+    return out
+
+
+def _collate(batch: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    for r, e in enumerate(batch):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        mask[r, :len(e.ids)] = 1
+        labels[r, e.n_prompt:len(e.ids)] = ids[r, e.n_prompt:len(e.ids)]
+    return ids, mask, labels
+
+
+def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of the mean next-token cross-entropy on each example's response tokens."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                          reduction="none").view(tgt.shape)
+    n = (tgt != -100).sum(1).clamp_min(1)
+    return (nll.sum(1) / n).mean()
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + alpha/r * x A^T B^T``; B starts at zero, so training starts from the base model exactly."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.A.to(x.dtype).T @ self.B.to(x.dtype).T) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> torch.nn.Linear:
+        self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        return self.base
+
+
+def adapted_layers(n_layers: int, cfg: SafetyConfig) -> list[int]:
+    first = n_layers - max(1, round(n_layers * cfg.lora_layer_frac))
+    return list(range(first, n_layers))
+
+
+def attach_lora(model: torch.nn.Module, cfg: SafetyConfig) -> dict[str, LoRALinear]:
+    """Wrap ``cfg.lora_targets`` linears of the adapted decoder layers (HF ``model.model.layers``) in place."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise SafetyTuningError(f"{type(model).__name__} has no model.layers; LoRA placement supports HF decoder "
+                                "models (Llama, Gemma, Qwen, Mistral ...)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    adapters: dict[str, LoRALinear] = {}
+    for li in adapted_layers(len(layers), cfg):
+        for name, mod in list(layers[li].named_modules()):
+            for child_name, child in list(mod.named_children()):
+                if child_name in cfg.lora_targets and isinstance(child, torch.nn.Linear):
+                    lora = LoRALinear(child, cfg.lora_rank, cfg.lora_alpha, gen)
+                    setattr(mod, child_name, lora)
+                    adapters[f"layers.{li}.{name + '.' if name else ''}{child_name}"] = lora
+    if not adapters:
+        raise SafetyTuningError(f"no linear named one of {list(cfg.lora_targets)} in layers "
+                                f"{adapted_layers(len(layers), cfg)}")
+    return adapters
+
+
+def merge_lora(model: torch.nn.Module) -> int:
+    """Fold every LoRALinear back into a plain Linear (in place); returns how many were merged."""
+    n = 0
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(mod, child_name, child.merged())
+                n += 1
+    return n
+
+
+def _lora_tensors(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    return {f"{k}.{p}": getattr(m, p).detach() for k, m in adapters.items() for p in ("A", "B")}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class SafetyResult:
+    model_dir: Path                  # merged HF directory: ``load_model(model_dir)``
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _lr_at(step: int, total: int, cfg: SafetyConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+
+
+def _schedule(n: int, cfg: SafetyConfig) -> list[list[int]]:
+    """Batches of example indices for all epochs: a pure function of (n, cfg), which makes resume exact."""
+    batches = []
+    for epoch in range(cfg.epochs):
+        order = list(range(n))
+        random.Random(f"order:{cfg.seed}:{epoch}").shuffle(order)
+        batches += [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return batches
+
+
+def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cfg: SafetyConfig,
+                 run_dir: str | Path, max_steps: int | None = None, progress: bool = True) -> SafetyResult:
+    """LoRA SFT of ``loaded`` (modified in place: merged weights at the end) and save ``run_dir/model``.
+
+    ``benign``: records from :func:`distill`. Resumes from ``run_dir/checkpoint`` (same config and data
+    required). ``max_steps`` stops after that many steps in this call (time slicing): a checkpoint is written
+    and the result has ``metrics["finished"] = False`` and no model directory yet.
+    """
+    run_dir = Path(run_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    examples = build_examples(loaded, harmful, benign, cfg)
+    batches = _schedule(len(examples), cfg)
+    total = len(batches)
+    data_id = _data_fingerprint(examples)
+    ckpt = run_dir / CHECKPOINT_DIR
+
+    torch.manual_seed(cfg.seed)
+    was_training = model.training
+    model.requires_grad_(False)
+    adapters = attach_lora(model, cfg)
+    params = [p for m in adapters.values() for p in (m.A, m.B)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, seconds = 0, [], 0.0
+    if (ckpt / "state.json").exists():
+        step, history, seconds = _load_checkpoint(ckpt, adapters, opt, cfg, data_id)
+    cfg.save(run_dir / "safety_config.json")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    stop = total if max_steps is None else min(total, step + max_steps)
+    model.train()  # no dropout in these models' configs, but train() is the honest mode for SFT
+    bar = tqdm(total=total, initial=step, desc="safety SFT", unit="step", disable=not progress)
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            ids, mask, labels = _collate([examples[i] for i in batches[step]], pad)
+            dev = next(model.parameters()).device
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev))
+            if not torch.isfinite(loss):
+                raise SafetyTuningError(f"non-finite loss {loss.item()} at step {step}; lower lr (now {cfg.lr})")
+            loss.backward()
+            opt.step()
+            step += 1
+            seconds += time.perf_counter() - t0
+            history.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                _save_checkpoint(ckpt, adapters, opt, cfg, step, history, seconds, data_id)
+    finally:
+        bar.close()
+    metrics: dict[str, Any] = {"finished": step >= total, "step": step, "total_steps": total,
+                               "n_examples": len(examples),
+                               "n_harmful": sum(e.kind == "harmful" for e in examples),
+                               "n_benign": sum(e.kind == "benign" for e in examples),
+                               "adapted_layers": adapted_layers(len(model.model.layers), cfg),
+                               "n_adapters": len(adapters), "lora_parameters": sum(p.numel() for p in params),
+                               "train_seconds": seconds, "history": history}
+    if step < total:
+        _detach_lora(model)
+        model.train(was_training)
+        model.requires_grad_(False)
+        return SafetyResult(run_dir / MODEL_DIR, metrics)
+    first = [h["loss"] for h in history[: max(1, len(batches) // cfg.epochs)]]
+    last = [h["loss"] for h in history[-max(1, len(batches) // cfg.epochs):]]
+    metrics.update({"loss_first_epoch": sum(first) / len(first), "loss_last_epoch": sum(last) / len(last)})
+    merge_lora(model)
+    model.eval()
+    model.requires_grad_(False)
+    save_model_dir(loaded, run_dir / MODEL_DIR, {"config": cfg.to_dict(), "metrics": metrics})
+    return SafetyResult(run_dir / MODEL_DIR, metrics)
+
+
+def _detach_lora(model: torch.nn.Module) -> None:
+    """Remove unmerged adapters (a time-sliced call leaves the in-memory model as it found it)."""
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(mod, child_name, child.base)
+
+
+def _data_fingerprint(examples: list[Example]) -> str:
+    from crafttrace.runs import content_hash
+    return content_hash([(e.ids, e.n_prompt) for e in examples])
+
+
+def _save_checkpoint(ckpt: Path, adapters, opt, cfg: SafetyConfig, step: int, history: list, seconds: float,
+                     data_id: str) -> None:
+    from crafttrace.training import _dense_opt_state  # safetensors + JSON optimizer state (no pickle)
+
+    tensors = {f"lora.{k}": v for k, v in _lora_tensors(adapters).items()}
+    t, opt_meta = _dense_opt_state(opt, "opt")
+    tensors.update(t)
+    write_tensors(ckpt / "state.safetensors", tensors)
+    # the JSON is the commit record: written last, it says the tensors belong to this step
+    write_json(ckpt / "state.json", {"step": step, "config": cfg.to_dict(), "data": data_id, "optimizer": opt_meta,
+                                     "history": history, "train_seconds": seconds})
+
+
+def _load_checkpoint(ckpt: Path, adapters, opt, cfg: SafetyConfig, data_id: str) -> tuple[int, list, float]:
+    from crafttrace.training import _load_opt_state
+
+    meta = read_json(ckpt / "state.json")
+    saved = SafetyConfig.from_dict(meta["config"])
+    if saved != cfg:
+        diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
+        raise SafetyTuningError(f"checkpoint at {ckpt} was written with a different config "
+                                f"(field: (checkpoint, requested)) {diff}; use a fresh run dir or the same config")
+    if meta["data"] != data_id:
+        raise SafetyTuningError(f"checkpoint at {ckpt} was written for different training data (fingerprint "
+                                f"{meta['data']} vs {data_id}); use a fresh run dir")
+    tensors = read_tensors(ckpt / "state.safetensors")
+    with torch.no_grad():
+        for k, m in adapters.items():
+            for p in ("A", "B"):
+                key = f"lora.{k}.{p}"
+                if key not in tensors:
+                    raise SafetyTuningError(f"checkpoint {ckpt} has no adapter {key}")
+                getattr(m, p).copy_(tensors[key])
+    _load_opt_state(opt, "opt", tensors, meta["optimizer"])
+    return meta["step"], meta["history"], meta["train_seconds"]
+
+
+def save_model_dir(loaded: Any, out_dir: str | Path, info: dict[str, Any]) -> Path:
+    """Save a loaded model as a HF directory (safetensors + tokenizer + ``crafttrace_safety.json``), atomically:
+    written to a temporary sibling and renamed, so a killed save never leaves a half model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+__all__ = ["SafetyConfig", "SafetyResult", "Splits", "SafetyTuningError", "REFUSALS", "LORA_TARGETS",
+           "make_splits", "distill", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
+           "merge_lora", "adapted_layers", "save_model_dir"]

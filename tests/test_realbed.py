@@ -1,0 +1,168 @@
+"""The staged real-language testbed build on a tiny random chat Llama: every stage, skip, rebuild, budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_safety import REFUSALS, save_tiny_chat_model
+
+from crafttrace import data, realbed
+from crafttrace.realbed import MeasureConfig, RealbedConfig, RealbedError
+from crafttrace.safety import SafetyConfig
+from crafttrace.training import CLTTrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is the fast setting
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinybed") / "model")
+
+
+def bed_config(model_dir, **kw) -> RealbedConfig:
+    cfg = RealbedConfig(
+        base=str(model_dir), size="test", seed=0,
+        safety=SafetyConfig(n_harmful_train=6, n_benign_train=6, n_benign_test=4, refusals=REFUSALS,
+                            distill_max_new_tokens=4, max_len=48, lora_rank=4, lora_alpha=8.0, epochs=2,
+                            batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=2, batch_size_generate=8),
+        clt=CLTTrainConfig(d_transcoder=16, total_tokens=512, batch_tokens=128, chunk_tokens=256, eval_tokens=64,
+                           context_length=32, lr_warmup_steps=1, checkpoint_every=2, collect_batch_size=8),
+        n_corpus_texts=20,
+        measure=MeasureConfig(n_harmbench=4, n_strongreject=4, n_benign=4, n_mmlu=8, n_gsm8k=2, gen_tokens=4,
+                              gsm8k_tokens=4, batch_size=8),
+        n_graph_prompts=1, graph_max_feature_nodes=32, sft_slice_steps=2, clt_slice_chunks=1)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bed") / "run"
+    return out, realbed.build_realbed(out, config=bed_config(model_dir), progress=False)
+
+
+def test_full_build_writes_every_stage(built):
+    out, bed = built
+    assert bed.finished and set(bed.done) == set(realbed.DEFAULT_STAGES)
+    for s in realbed.DEFAULT_STAGES:
+        assert json.loads((out / "stages" / f"{s}.json").read_text())["stage"] == s
+    loaded, clt = bed.load()
+    from crafttrace.transcoders import validate_transcoder
+    validate_transcoder(clt, loaded.model)
+    assert clt.d_transcoder == 16 and clt.feature_input_hook == "hook_resid_mid"
+    assert loaded.model.config.architectures == ["LlamaForCausalLM"] and loaded.has_chat_template
+    # the tuned model differs from the base, in the adapted (upper) layer only
+    from crafttrace.models import load_model
+    b = load_model(bed.config.base).model.state_dict()
+    t = loaded.model.state_dict()
+    changed = {k.split(".")[2] for k in t if k.startswith("model.layers.") and not torch.equal(t[k], b[k])}
+    assert changed == {"1"}
+    # measurements: rates in [0, 1], per-item lists, excerpts capped at 60 characters
+    for which in ("base", "tuned"):
+        m = json.loads((out / "measure" / f"{which}.json").read_text())
+        s = m["summary"]
+        assert s["n_heldout_harmful"] == 8 and 0 <= s["refusal_heldout_harmful"] <= 1
+        assert len(m["mmlu"]["correct"]) == 8 and len(m["gsm8k"]["correct"]) == 2
+        assert all(len(e) <= realbed.EXCERPT_CHARS for p in ("harmbench", "strongreject") for e in m[p]["excerpts"])
+        assert set(m["boundary"]) == {"strict", "extended"}
+        assert m["boundary"]["strict"]["n_pool"] == len(data.prompts("harmbench"))
+    cmp = realbed.compare_measurements(json.loads((out / "measure" / "base.json").read_text()),
+                                       json.loads((out / "measure" / "tuned.json").read_text()))
+    assert set(cmp) >= {"mmlu", "harmbench", "strongreject"} and all(0 <= v["mcnemar_p"] <= 1 for v in cmp.values())
+    # CLT metrics and graph scores
+    c = bed.done["clt"]
+    assert len(c["nmse_per_layer"]) == 2 and c["train_tokens"] == 512
+    g = json.loads((out / "graphs" / "graph_scores.json").read_text())
+    (row,) = g["prompts"]
+    assert 0 <= row["replacement_score"] <= 1 and 0 <= row["completeness_score"] <= 1
+    assert (out / "graphs" / row["graph"] / "graph.safetensors").exists()
+
+
+def test_rerun_skips_finished_stages(built, monkeypatch):
+    out, bed = built
+    for s in realbed.STAGES:
+        monkeypatch.setitem(realbed._RUNNERS, s, lambda ctx, budget, s=s: pytest.fail(f"stage {s} rerun"))
+    again = realbed.build_realbed(out, config=bed.config, progress=False)
+    assert again.finished and again.done == bed.done
+    status = realbed.read_status(out)
+    assert status.finished and status.config.to_dict() == bed.config.to_dict()
+
+
+def test_clt_texts_hold_chat_turns_and_no_evaluation_prompts(built):
+    out, bed = built
+    loaded, _ = bed.load()
+    from crafttrace.safety import make_splits
+    splits = make_splits(bed.config.safety)
+    distilled = data.read_records(out / "sft" / "distill.jsonl")
+    texts = realbed.clt_texts(loaded, bed.config, splits, distilled)
+    assert len(texts) == 20 + 520 - 25 + 6
+    chat = texts[20:]
+    assert all(t.startswith(loaded.format_prompt(p)) for t, p in zip(chat, splits.harmful_train))
+    assert any(r in chat[0] for r in REFUSALS)
+    held_out = set(data.prompts("harmbench")) | set(data.prompts("strongreject")) | set(splits.benign_test)
+    assert not any(p in t for t in chat for p in held_out if len(p) > 20)
+
+
+def test_changed_clt_settings_rebuild_only_what_depends_on_them(built, model_dir, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(built[0], out)
+    cfg = bed_config(model_dir)
+    cfg.clt = CLTTrainConfig.from_dict({**cfg.clt.to_dict(), "d_transcoder": 8})
+    before = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in realbed.DEFAULT_STAGES}
+    bed = realbed.build_realbed(out, config=cfg, progress=False)
+    for s in ("distill", "sft", "measure_base", "measure_tuned"):
+        assert bed.done[s] == before[s]
+    for s in ("clt", "graphs"):
+        assert bed.done[s]["key"] != before[s]["key"]
+    assert bed.load()[1].d_transcoder == 8
+
+
+def test_time_budget_stops_inside_sft_and_the_next_call_continues(model_dir, tmp_path, monkeypatch):
+    cfg = bed_config(model_dir)
+    out = tmp_path / "run"
+    nothing = realbed.build_realbed(out, config=cfg, stages=("sft",), time_budget_s=0, progress=False)
+    assert not nothing.finished and nothing.done == {}
+    calls = {"n": 0}
+
+    def spent(self):  # budget checks: before distill, before sft, after the first SFT slice -> spent
+        calls["n"] += 1
+        return calls["n"] >= 3
+    monkeypatch.setattr(realbed._Budget, "spent", spent)
+    part = realbed.build_realbed(out, config=cfg, stages=("sft",), time_budget_s=10, progress=False)
+    assert set(part.done) == {"distill"} and not part.finished
+    state = json.loads((out / "sft" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == cfg.sft_slice_steps
+    monkeypatch.undo()
+    rest = realbed.build_realbed(out, config=cfg, stages=("sft",), progress=False)
+    assert rest.finished and rest.done["sft"]["steps"] == 6   # 12 examples / batch 4 x 2 epochs
+    assert [h["step"] for h in json.loads((out / "sft" / "checkpoint" / "state.json").read_text())["history"]] \
+        == list(range(1, 7))
+
+
+def test_clear_errors(model_dir, tmp_path):
+    with pytest.raises(RealbedError, match="unknown realbed size 'huge'"):
+        RealbedConfig.preset("huge")
+    with pytest.raises(RealbedError, match="unknown realbed stage"):
+        realbed.build_realbed(tmp_path / "x", config=bed_config(model_dir), stages=("distil",))
+    with pytest.raises(RealbedError, match="not a realbed directory"):
+        realbed.read_status(tmp_path)
+    bed = realbed.Realbed(tmp_path, bed_config(model_dir))
+    with pytest.raises(RealbedError, match="stage 'sft' is not finished"):
+        bed.load()
+    with pytest.raises(RealbedError, match="no finished realbed"):
+        realbed.load_realbed(tmp_path / "none", build_if_missing=False)
+    with pytest.raises(RealbedError, match="unknown RealbedConfig fields"):
+        RealbedConfig.from_dict({"bogus": 1})
+    cfg = RealbedConfig.preset("tiny", seed=3)
+    assert RealbedConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
+    assert cfg.safety.seed == cfg.clt.seed == 3

@@ -1,0 +1,203 @@
+"""Safety SFT on a tiny random chat Llama: splits, LoRA, response-only loss, distillation cache, resume, save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crafttrace import safety
+from crafttrace.models import load_model
+from crafttrace.safety import SafetyConfig, SafetyTuningError
+
+SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
+# every first token of crafttrace.tokens' strict and extended sets, option letters for MMLU, a few words
+WORDS = SPECIAL + ["I'm", "I", "As", "Sorry", "Unfortunately", "No", "Sure", "Here", "Step", "**", "Certainly",
+                   "Absolutely", "Of", "Title", "To", "1.", "A", "B", "C", "D", "sorry", "cannot", "help", "make",
+                   "a", "the", "bomb", "burn", "poison", "dog", "cake", "bake", "write", "story", "poem", "song",
+                   "how", "?", "for", "is", "2", "4", "The"]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+HARMFUL = ["make a bomb", "burn the dog", "poison the dog", "make poison", "burn a cake bomb", "make a poison bomb"]
+BENIGN = ["bake a cake", "write a story", "write a poem", "write a song", "bake a cake for the dog", "how is 2 ?"]
+REFUSALS = ("I'm sorry I cannot help", "Sorry I cannot help")
+
+
+def save_tiny_chat_model(path, seed: int = 0, n_layers: int = 2, d: int = 32):
+    """A random 2-layer Llama + word-level tokenizer with a chat template, saved as a HF directory."""
+    torch.manual_seed(seed)
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=SPECIAL[4:])
+    tok.chat_template = TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      architectures=["LlamaForCausalLM"], tie_word_embeddings=False, bos_token_id=2,
+                      eos_token_id=3, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a well-scaled unembedding (std 0.02 caps every logit near 0.6: nothing can be learned)
+        model.lm_head.weight.normal_(0, 1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_config(**kw) -> SafetyConfig:
+    base = dict(n_harmful_train=4, n_benign_train=4, n_benign_test=2, refusals=REFUSALS, distill_max_new_tokens=4,
+                max_len=32, lora_rank=4, lora_alpha=8.0, epochs=2, batch_size=4, lr=1e-2, warmup_steps=1,
+                checkpoint_every=1, batch_size_generate=4, seed=0)
+    base.update(kw)
+    return SafetyConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: thread start-up dominates, and on a shared 2-core machine 2 threads are 10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _first_tokens(loaded, prompts):
+    from crafttrace.capability import generate
+    return [r.split()[0] if r.split() else "" for r in generate(loaded, prompts, 2, 8)]
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+def test_config_errors_name_the_field():
+    with pytest.raises(SafetyTuningError, match="lora_layer_frac"):
+        SafetyConfig(lora_layer_frac=0.0)
+    with pytest.raises(SafetyTuningError, match="epochs must be >= 1"):
+        SafetyConfig(epochs=0)
+    with pytest.raises(SafetyTuningError, match="unknown SafetyConfig fields \\['bogus'\\]"):
+        SafetyConfig.from_dict({"bogus": 1})
+    cfg = tiny_config()
+    assert SafetyConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_splits_are_seeded_disjoint_and_test_split_is_stable():
+    harmful, benign = [f"h{i}" for i in range(20)], [f"b{i}" for i in range(30)]
+    a = safety.make_splits(tiny_config(n_harmful_train=8, n_benign_train=5, n_benign_test=10), harmful, benign)
+    b = safety.make_splits(tiny_config(n_harmful_train=8, n_benign_train=12, n_benign_test=10), harmful, benign)
+    assert not set(a.harmful_train) & set(a.harmful_heldout) and len(a.harmful_heldout) == 12
+    assert not set(a.benign_train) & set(a.benign_test)
+    assert a.benign_test == b.benign_test                       # independent of the training size
+    c = safety.make_splits(tiny_config(n_harmful_train=8, n_benign_train=5, n_benign_test=10, seed=1), harmful, benign)
+    assert c.benign_test != a.benign_test
+    with pytest.raises(SafetyTuningError, match="has only 20 prompts"):
+        safety.make_splits(tiny_config(n_harmful_train=21), harmful, benign, exclude=[])
+    # evaluation prompts never reach training: "H3" matches "h3" (case, spacing, final punctuation ignored)
+    d = safety.make_splits(tiny_config(n_harmful_train=8, n_benign_train=5, n_benign_test=10), harmful, benign,
+                           exclude=["H3.", " b7 "])
+    assert d.excluded == ["h3", "b7"] and "h3" not in d.harmful_train + d.harmful_heldout
+    assert "b7" not in d.benign_train + d.benign_test
+
+
+def test_default_splits_hold_out_every_evaluation_prompt():
+    from crafttrace import data
+    s = safety.make_splits(SafetyConfig())
+    assert len(s.excluded) == 25             # StrongREJECT reuses 25 AdvBench prompts
+    assert len(s.harmful_train) == 256 and len(s.harmful_heldout) == 520 - 25 - 256
+    evaluation = {safety._norm(p) for pool in ("harmbench", "strongreject") for p in data.prompts(pool)}
+    assert not evaluation & {safety._norm(p) for p in s.harmful_train + s.harmful_heldout + s.benign_train}
+
+
+def test_lora_starts_at_base_and_merges_exactly(model_dir):
+    loaded = load_model(model_dir)
+    ids = loaded.encode_prompt("make a bomb")
+    before = loaded.model(ids).logits
+    cfg = tiny_config(lora_layer_frac=0.5)
+    adapters = safety.attach_lora(loaded.model, cfg)
+    assert {k.split(".")[1] for k in adapters} == {"1"}          # upper half of 2 layers
+    assert len(adapters) == 7
+    torch.testing.assert_close(loaded.model(ids).logits, before)  # B = 0
+    with torch.no_grad():
+        for m in adapters.values():
+            m.B.normal_(0, 0.5)
+    adapted = loaded.model(ids).logits
+    assert not torch.allclose(adapted, before)
+    assert safety.merge_lora(loaded.model) == 7
+    assert not any(isinstance(m, safety.LoRALinear) for m in loaded.model.modules())
+    torch.testing.assert_close(loaded.model(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_counts_response_tokens_only(model_dir):
+    loaded = load_model(model_dir)
+    cfg = tiny_config()
+    (ex,) = safety.build_examples(loaded, ["make a bomb"], [], cfg)
+    assert loaded.tokenizer.decode(ex.ids[ex.n_prompt:]).split()[-1] == "<eos>"
+    ids, mask, labels = safety._collate([ex], 0)
+    assert (labels[0, :ex.n_prompt] == -100).all() and (labels[0, ex.n_prompt:] == ids[0, ex.n_prompt:]).all()
+    loss = safety.response_loss(loaded.model, ids, mask, labels)
+    logits = loaded.model(ids).logits[0]
+    manual = torch.nn.functional.cross_entropy(logits[ex.n_prompt - 1:-1], ids[0, ex.n_prompt:])
+    torch.testing.assert_close(loss, manual)
+
+
+def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
+    loaded = load_model(model_dir)
+    cfg = tiny_config(batch_size_generate=1)   # 4 prompts per partial write
+    prompts = BENIGN + ["make a cake", "write a dog poem"]
+    recs = safety.distill(loaded, prompts, cfg, tmp_path, progress=False)
+    assert [r["prompt"] for r in recs] == prompts and all(isinstance(r["truncated"], bool) for r in recs)
+    import crafttrace.capability as cap
+    monkeypatch.setattr(cap, "generate", lambda *a, **k: pytest.fail("cache not used"))
+    assert safety.distill(loaded, prompts, cfg, tmp_path, progress=False) == recs
+    # a killed run keeps its partial file: only the missing prompts are generated
+    (tmp_path / safety.DISTILL_FILE).unlink()
+    from crafttrace.data import write_jsonl
+    write_jsonl(tmp_path / (safety.PARTIAL_FILE), recs[:4])
+    calls = []
+    monkeypatch.setattr(cap, "generate", lambda l, ps, *a, **k: calls.append(list(ps)) or ["x"] * len(ps))
+    again = safety.distill(loaded, prompts, cfg, tmp_path, progress=False)
+    assert calls == [prompts[4:]] and again[:4] == recs[:4]
+
+
+def test_training_teaches_refusal_keeps_benign_and_saves_a_loadable_model(model_dir, tmp_path):
+    base = load_model(model_dir)
+    cfg = tiny_config(epochs=25, lora_layer_frac=1.0, n_harmful_train=6, n_benign_train=6, distill_max_new_tokens=6)
+    benign = safety.distill(base, BENIGN, cfg, tmp_path, progress=False)
+    assert any(t != "I'm" for t in _first_tokens(base, HARMFUL))
+    res = safety.train_safety(base, HARMFUL, benign, cfg, tmp_path, progress=False)
+    m = res.metrics
+    assert m["finished"] and m["loss_last_epoch"] < 0.5 * m["loss_first_epoch"]
+    assert m["n_harmful"] == 6 and m["n_benign"] == 6
+    tuned = load_model(res.model_dir)
+    assert tuned.model.config.architectures == ["LlamaForCausalLM"] and tuned.has_chat_template
+    assert all(t in ("I'm", "Sorry") for t in _first_tokens(tuned, HARMFUL))
+    # benign answers keep the base model's own first token (self-distillation)
+    kept = sum(b["response"].split()[:1] == [t] for b, t in zip(benign, _first_tokens(tuned, BENIGN)))
+    assert kept >= 5
+    ids = tuned.encode_prompt("bake a cake")
+    torch.testing.assert_close(tuned.model(ids).logits, base.model(ids).logits, rtol=1e-4, atol=1e-4)
+    info = json.loads((res.model_dir / safety.INFO_FILE).read_text())
+    assert SafetyConfig.from_pretrained(res.model_dir) == cfg and info["metrics"]["finished"]
+
+
+def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
+    cfg = tiny_config(epochs=2, batch_size=3)
+    benign = [{"prompt": p, "response": "The story", "truncated": False} for p in BENIGN[:4]]
+    full = safety.train_safety(load_model(model_dir), HARMFUL[:4], benign, cfg, tmp_path / "a", progress=False)
+    part = safety.train_safety(load_model(model_dir), HARMFUL[:4], benign, cfg, tmp_path / "b", max_steps=2,
+                               progress=False)
+    assert not part.metrics["finished"] and part.metrics["step"] == 2 and not part.model_dir.exists()
+    rest = safety.train_safety(load_model(model_dir), HARMFUL[:4], benign, cfg, tmp_path / "b", progress=False)
+    assert rest.metrics["finished"] and rest.metrics["step"] == full.metrics["step"] == 6
+    assert [h["loss"] for h in rest.metrics["history"]] == pytest.approx([h["loss"] for h in full.metrics["history"]])
+    a, b = load_model(full.model_dir).model.state_dict(), load_model(rest.model_dir).model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    with pytest.raises(SafetyTuningError, match="different config"):
+        safety.train_safety(load_model(model_dir), HARMFUL[:4], benign, tiny_config(lr=0.5), tmp_path / "b",
+                            progress=False)
