@@ -174,15 +174,18 @@ def test_clt_reconstructs_mlp_outputs(testbed):
     from crafttrace.training import evaluate_clt
     tok = loaded.tokenizer
     texts = B.clt_texts(64, seed=123, tok=tok)  # unseen conversations
+    enc = [tok.encode(t, add_special_tokens=False) for t in texts]
+    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = torch.tensor(e)
+    keep = ids != tok.pad_token_id
     layers = list(range(loaded.n_layers))
-    xs, ys = [], []
-    for t in texts:
-        ids = torch.tensor([tok.encode(t, add_special_tokens=False)])
-        with capture(loaded.model, clt.feature_input_hook, layers) as x, \
-                capture(loaded.model, clt.feature_output_hook, layers) as y, torch.no_grad():
-            loaded.model(input_ids=ids)
-        xs.append(torch.stack([x[l][0, 1:] for l in layers], 1))  # position 0 (BOS) is never a feature
-        ys.append(torch.stack([y[l][0, 1:] for l in layers], 1))
+    with capture(loaded.model, clt.feature_input_hook, layers) as x, \
+            capture(loaded.model, clt.feature_output_hook, layers) as y, torch.no_grad():
+        loaded.model(input_ids=ids, attention_mask=keep.long())
+    keep[:, 0] = False  # position 0 (BOS) is never a feature position
+    xs = [torch.stack([x[l] for l in layers], 2)[keep]]
+    ys = [torch.stack([y[l] for l in layers], 2)[keep]]
     m = evaluate_clt(clt, torch.cat(xs), torch.cat(ys))
     assert m["nmse_mean"] <= 0.2, m["nmse_per_layer"]
     assert m["l0_mean"] < clt.d_transcoder / 4
@@ -199,7 +202,7 @@ def _refusal_features(loaded, clt, prompts, k=5):
     for p in prompts:
         with capture(loaded.model, clt.feature_input_hook, layers) as x, torch.no_grad():
             loaded.model(input_ids=loaded.encode_prompt(p))
-        acts += clt.encode(torch.stack([x[l][0, -1] for l in layers])).detach() / len(prompts)
+        acts += clt.encode(torch.stack([x[l][0, -1:] for l in layers]))[:, 0].detach() / len(prompts)
     W_U = loaded.model.lm_head.weight.detach()
     diff = W_U[sorry] - W_U[sure]
     scores = []
@@ -212,8 +215,10 @@ def _refusal_features(loaded, clt, prompts, k=5):
 
 
 def test_steering_a_clt_feature_moves_refusal_to_compliance_not_eos(testbed):
-    """A hand-made hook (not crafttrace.steering): subtract the feature's decoder rows from the MLP
-    outputs it writes to, at all positions after BOS."""
+    """A hand-made hook (not crafttrace.steering): subtract 10x the feature's mean activation times
+    its decoder rows from the MLP outputs it writes to, at all positions after BOS. Refusal is spread
+    over a few late features, so ablating one (1x) is not enough; a strong negative push on the top
+    one flips the first token to the compliance opener, never to EOS (compliance is the default)."""
     loaded, clt = testbed
     from contextlib import ExitStack
     from crafttrace.hooks import edit_output
@@ -229,16 +234,16 @@ def test_steering_a_clt_feature_moves_refusal_to_compliance_not_eos(testbed):
         def add(vec):
             def fn(out):
                 out = out.clone()
-                out[:, 1:] -= 3.0 * a * vec
+                out[:, 1:] -= 10.0 * a * vec
                 return out
             return fn
         with ExitStack() as st:
             for k, out_layer in enumerate(range(layer, loaded.n_layers)):
                 st.enter_context(edit_output(loaded.model, clt.feature_output_hook, out_layer, add(dec[k])))
             top = _first_token(loaded, prompts).argmax(-1)
-        assert (top == eos).float().mean() <= 0.05
-        best = max(best, float((top == sure).float().mean()))
-    assert best >= 0.5, f"no top refusal feature moved >= 50% of prompts to '{L.COMPLIANCE_OPENER}' (best {best})"
+        if (top == eos).float().mean() <= 0.05:  # a lever must reach compliance, not end the turn
+            best = max(best, float((top == sure).float().mean()))
+    assert best >= 0.8, f"no top refusal feature moved >= 80% of prompts to '{L.COMPLIANCE_OPENER}' (best {best})"
 
 
 # ---------------------------------------------------------------- rebuilding
