@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from crafttrace import models as M
 from crafttrace.data import cache_dir
+from crafttrace.hooks import capture
 from crafttrace.models import ModelLoadError, load_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -228,6 +229,15 @@ def _preset_available(name: str) -> bool:
         or (d / M.PRESETS[name].filename).is_file()
 
 
+def _assert_hooks_resolve(lm):
+    """circuit-tracer's hook registry must place mlp.hook_in on the loaded (GGUF-converted) model."""
+    ids = lm.encode_prompt("hi")
+    with capture(lm.model, "mlp.hook_in", [0, lm.n_layers - 1]) as store, torch.no_grad():
+        lm.model(ids)
+    assert {k: tuple(v.shape) for k, v in store.items()} == {
+        0: (1, ids.shape[1], lm.d_model), lm.n_layers - 1: (1, ids.shape[1], lm.d_model)}
+
+
 def _skip_unless(name):
     return pytest.mark.skipif(not _preset_available(name),
                               reason=f"{name} not cached in {cache_dir() / 'models'}; set CRAFTTRACE_FETCH=1")
@@ -253,6 +263,7 @@ def test_smollm2_preset_answers_and_stops():
     new = out[0, ids.shape[1]:].tolist()
     assert new[-1] == 2 and len(new) < 40, lm.tokenizer.decode(new)  # stopped at <|im_end|>
     assert "Paris" in lm.tokenizer.decode(new)
+    _assert_hooks_resolve(lm)
 
 
 @pytest.mark.packaged_model
@@ -269,3 +280,4 @@ def test_gemma_preset_tokenizer_is_repaired():
     assert ids.shape[1] < 90 and loss < 3.0, (ids.shape[1], loss)  # GGUF's Unigram import: 187 tokens, 5.9
     prompt = lm.encode_prompt("What is the capital of France?")[0].tolist()
     assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
+    _assert_hooks_resolve(lm)
