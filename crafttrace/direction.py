@@ -633,14 +633,16 @@ def plot_separation(rd: RefusalDirection, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    L = len(rd.separation["own"]) - 1
     for key, style in (("own", "-o"), ("selected", "--s")):
         rows = rd.separation[key]
         a1.plot([r["layer"] for r in rows], [r["auroc"] for r in rows], style, ms=3, label=f"{key} direction")
         a2.plot([r["layer"] for r in rows], [r["cohens_d"] for r in rows], style, ms=3, label=f"{key} direction")
     for ax in (a1, a2):
         ax.axvline(rd.layer, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("layer (residual stream at layer input)")
+        ax.set_xticks(range(L + 1), [str(l) for l in range(L)] + ["final"])
+        ax.set_xlabel("residual stream at the input of layer")
         ax.legend(fontsize=8)
     a1.set_ylabel("AUROC (held-out harmful vs benign)")
     a1.set_ylim(0.0, 1.02)
@@ -655,13 +657,15 @@ def plot_selection(rd: RefusalDirection, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     L, P, _ = rd.candidates.shape
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), layout="constrained")
     for ax, key in zip(axes, ("bypass", "induce", "kl")):
-        grid = np.full((P, L), np.nan)
+        grid = np.full((P, L), np.nan)  # blank = not a candidate (pruned layer or zero difference)
         for s in rd.scores:
             grid[s["position"] + P, s["layer"]] = s[key]
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_yticks(range(P), [repr(t) for t in rd.position_tokens] or range(-P, 0), fontsize=7)
+        ax.plot(rd.layer, rd.position + P, "r*", ms=12)
+        ax.set_yticks(range(P), [repr(t) for t in rd.position_tokens] or list(range(-P, 0)), fontsize=7)
+        ax.set_xticks(range(L), [str(l) for l in range(L - 1)] + ["final"])
         ax.set_xlabel("layer")
         ax.set_title(key)
         fig.colorbar(im, ax=ax)

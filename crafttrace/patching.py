@@ -238,10 +238,7 @@ def patch(loaded, pairs: Sequence[PromptPair], tokens: RefusalTokens, cfg: Patch
                          "nothing to patch")
     maps = {s: (torch.stack([r[s] for r in raw]).mean(0) - corr) / gap for s in cfg.sites}
     heads = (torch.stack([r["heads"] for r in raw]).mean(0) - corr) / gap if cfg.heads else None
-    c_ids, x_ids = encode(loaded, pairs[0].clean)[-n_pos:], encode(loaded, pairs[0].corrupted)[-n_pos:]
-    tok = loaded.tokenizer
-    labels = [tok.decode([int(a)]) if a == b else f"{tok.decode([int(a)])}/{tok.decode([int(b)])}"
-              for a, b in zip(c_ids, x_ids)]
+    labels = _position_labels(loaded, pairs, n_pos)
     res = PatchingResult(maps=maps, heads=heads, clean=clean, corrupted=corr, position_labels=labels,
                          pairs=[{"clean": p.clean, "corrupted": p.corrupted, "clean_logit_diff": r["clean"],
                                  "corrupted_logit_diff": r["corrupted"]} for p, r in zip(pairs, raw)],
@@ -250,6 +247,22 @@ def patch(loaded, pairs: Sequence[PromptPair], tokens: RefusalTokens, cfg: Patch
         res.save(out_dir)
         plot_patching(res, Path(out_dir) / "patching.png")
     return res
+
+
+def _position_labels(loaded, pairs: Sequence[PromptPair], n_pos: int) -> list[str]:
+    """The shared token at each aligned position; "clean/corrupted" (first pair differing there) where
+    pairs differ; a trailing "*" where the tokens vary across pairs (different templates)."""
+    c = torch.stack([encode(loaded, p.clean)[-n_pos:] for p in pairs])
+    x = torch.stack([encode(loaded, p.corrupted)[-n_pos:] for p in pairs])
+    dec = loaded.tokenizer.decode
+    labels = []
+    for i in range(n_pos):
+        diff = (c[:, i] != x[:, i]).nonzero().flatten()
+        k = int(diff[0]) if len(diff) else 0
+        lab = dec([int(c[k, i])]) + (f"/{dec([int(x[k, i])])}" if len(diff) else "")
+        varies = len(set(c[:, i].tolist()) | set(x[:, i].tolist())) > (2 if len(diff) else 1)
+        labels.append(lab + ("*" if varies else ""))
+    return labels
 
 
 def stability(a: PatchingResult, b: PatchingResult, k: int = 5) -> dict:
@@ -278,17 +291,18 @@ def plot_patching(res: PatchingResult, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     panels = list(res.maps.items()) + ([("head", res.heads)] if res.heads is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.5), squeeze=False, layout="constrained")
     vmax = max(1.0, max(float(m.abs().max()) for _, m in panels))
     for ax, (name, m) in zip(axes[0], panels):
         im = ax.imshow(m.numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower")
         ax.set_ylabel("layer")
+        ax.set_yticks(range(m.shape[0]))
         if name == "head":
             ax.set_xlabel("head (all positions)")
         else:
             ax.set_xticks(range(m.shape[1]), res.position_labels, rotation=90, fontsize=7)
         ax.set_title(f"{name} patched clean -> corrupted")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax)
     fig.suptitle(f"normalised refusal logit difference (0 = corrupted {res.corrupted:.2f}, "
                  f"1 = clean {res.clean:.2f}); {len(res.pairs)} pairs")
     save_figure(fig, path)

@@ -53,7 +53,8 @@ def test_patch_exact_at_layer0_and_hooks_removed(tiny, tmp_path):
     # causality: components before the object position cannot see it
     assert torch.allclose(res.maps["attn"][:, :obj], torch.zeros(3, obj), atol=1e-4)
     assert torch.allclose(res.maps["mlp"][:, :obj], torch.zeros(3, obj), atol=1e-4)
-    assert res.position_labels[obj] == "bomb/cake" and res.position_labels[-1] == "<asst>"
+    # the two pairs differ at the object (bomb/cake, virus/poem) and share "a" but not the verb
+    assert res.position_labels[obj - 2:] == ["make*", "a", "bomb/cake*", "<eot>", "<asst>"]
     top = res.top(3)
     assert top[0]["effect"] >= top[1]["effect"] >= top[2]["effect"]
     assert top[0]["effect"] >= 1.0 - 1e-4
