@@ -156,7 +156,9 @@ def choice_predictions(loaded: LoadedLike, prompts: Sequence[str], n_choices: Se
     letter_ids = letter_token_ids(loaded.tokenizer, LETTERS[:max(n_choices)])
     preds = [0] * len(prompts)
     for idx, ids, mask in _batches(loaded, prompts, batch_size, desc):
-        last = loaded.model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        # Positions count from each row's first real token, as generate() does for left padding.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        last = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
         for r, i in enumerate(idx):
             scores = [last[r, letter_ids[j]].max() for j in range(n_choices[i])]
             preds[i] = int(torch.stack(scores).argmax())

@@ -185,14 +185,18 @@ def steer(model: torch.nn.Module, transcoder, specs: Sequence[FeatureSteer]) -> 
     by_layer: dict[int, list[FeatureSteer]] = {}
     for s in specs:
         by_layer.setdefault(s.layer, []).append(s)
-    readers, coefs_spec, writes = {}, {}, {}  # writes[k] = [(source layer, D [n, d_model])]
+    readers, coefs_spec, per_out = {}, {}, {}  # per_out[k] = [(source layer, D [n, d_model])]
     for l, group in sorted(by_layer.items()):
         readers[l] = _FeatureReader(transcoder, l, [s.index for s in group]).to(device)
         coefs_spec[l] = (torch.tensor([s.mode == "clamp" for s in group], device=device),
                          torch.tensor([float(s.value) for s in group], device=device))
         dec = _decoder_rows(transcoder, l, [s.index for s in group]).to(device)  # [n, n_out, d]
         for j in range(dec.shape[1]):
-            writes.setdefault(l + j if cross else l, []).append((l, dec[:, j, :].contiguous()))
+            per_out.setdefault(l + j if cross else l, []).append((l, dec[:, j, :]))
+    # One matmul per written layer: the coefficients of all contributing source layers are
+    # concatenated (once per forward per distinct source set) against their stacked decoder rows.
+    writes = {k: (tuple(l for l, _ in parts), torch.cat([D for _, D in parts]).contiguous())
+              for k, parts in per_out.items()}
 
     state: dict = {}
 
@@ -212,15 +216,19 @@ def steer(model: torch.nn.Module, transcoder, specs: Sequence[FeatureSteer]) -> 
         state[l] = _apply(is_clamp, vals, a) * keep.to(a.device)[..., None]
 
     def write(k, out):
-        delta = None
-        for l, D in writes[k]:
-            if l not in state:
-                raise RuntimeError(
-                    f"steering: the output hook at layer {k} ran before the input hook of layer {l}; "
-                    "this model's module order does not match the transcoder's hook points")
-            d = state[l] @ D
-            delta = d if delta is None else delta + d
-        return out + delta.to(out.dtype)
+        sources, D = writes[k]
+        missing = [l for l in sources if l not in state]
+        if missing:
+            raise RuntimeError(
+                f"steering: the output hook at layer {k} ran before the input hook of layer {missing[0]}; "
+                "this model's module order does not match the transcoder's hook points")
+        if len(sources) == 1:
+            coef = state[sources[0]]
+        elif sources in state:
+            coef = state[sources]
+        else:
+            coef = state[sources] = torch.cat([state[l] for l in sources], dim=-1)
+        return out + (coef @ D).to(out.dtype)
 
     with ExitStack() as stack:
         handles = [model.register_forward_pre_hook(on_forward, with_kwargs=True)]

@@ -187,3 +187,15 @@ def test_transcoder_set_writes_only_its_own_layer(model):
     torch.testing.assert_close(edited[1][0] - raw[1][0], expect, atol=1e-5, rtol=1e-4)
     for k in (0, 2):  # a per-layer transcoder writes to its own layer only
         assert torch.equal(edited[k][0], raw[k][0])
+
+
+def test_lazy_clt_loaded_from_disk_steers_like_the_eager_one(model, clt, tmp_path):
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    clt.to_safetensors(str(tmp_path))
+    lazy = load_clt(str(tmp_path), lazy_decoder=True, lazy_encoder=True, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    x, spec = ids(11, seed=4), [FeatureSteer(0, 9, "clamp", -2.0), FeatureSteer(1, 3, "scale", 3.0)]
+    with steer(model, clt, spec):
+        eager_logits = logits(model, x)
+    with steer(model, lazy, spec):
+        assert torch.equal(logits(model, x), eager_logits)
