@@ -89,8 +89,10 @@ def feature_cosines(direction: torch.Tensor | RefusalDirection, tc, features: Se
 
 
 def compare_directions(base: RefusalDirection, tuned: RefusalDirection) -> dict:
-    """Per-layer norms, separation and cross-model cosines of the candidate directions, compared at
-    each model's selected position and at the last prompt position."""
+    """Per-layer norms and held-out separation (each at that model's selected position), and cosines
+    between the two models' candidate directions (at the last prompt position and at the base model's
+    selected position). Cosines are meaningful when the tuned model was fine-tuned from the base model
+    (shared residual basis); for independently trained models expect ~0."""
     if base.candidates.shape != tuned.candidates.shape:
         raise ValueError(f"candidate grids differ: base {tuple(base.candidates.shape)} vs tuned "
                          f"{tuple(tuned.candidates.shape)} (same architecture and chat template needed)")
@@ -164,18 +166,19 @@ def plot_compare(d: dict, path: Path) -> None:
 
     rows = d["per_layer"]
     x = [r["layer"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), layout="constrained")
     for name in ("base", "tuned"):
         axes[0].plot(x, [r[f"{name}_norm"] for r in rows], "-o", ms=3, label=name)
         if f"{name}_auroc" in rows[0]:
             axes[1].plot(x, [r[f"{name}_auroc"] for r in rows], "-o", ms=3, label=name)
     axes[2].plot(x, [r["cos_last_position"] for r in rows], "-o", ms=3, label="last position")
     axes[2].plot(x, [r["cos_base_position"] for r in rows], "--s", ms=3, label="base's selected position")
-    axes[0].set_ylabel("mean-difference norm")
-    axes[1].set_ylabel("held-out AUROC")
+    axes[0].set_ylabel("mean-difference norm (selected position)")
+    axes[1].set_ylabel("held-out AUROC (selected position)")
     axes[2].set_ylabel("cos(base, tuned)")
     for ax in axes:
-        ax.set_xlabel("layer")
+        ax.set_xticks(x, [str(l) for l in x[:-1]] + ["final"])
+        ax.set_xlabel("residual stream at the input of layer")
         ax.legend(fontsize=8)
     fig.suptitle(f"refusal direction, base vs tuned (cos of selected directions {d['cos_selected']:.2f})")
     save_figure(fig, path)
