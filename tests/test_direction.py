@@ -151,6 +151,10 @@ def test_site_errors(tiny):
         D.site_module(tiny.model, "resid", 9)
     with pytest.raises(IndexError, match="layer 4 out of range"):  # only resid has a final (layer L) slot
         D.site_module(tiny.model, "mlp", 4)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16))
+    with pytest.raises(ValueError, match="cannot place hooks on this model.*GPT2LMHeadModel"):
+        D.site_module(gpt2, "resid", 0)
 
 
 def test_hooks_removed_after_use_and_on_exception(tiny):
@@ -199,6 +203,28 @@ def test_add_direction_shifts_projection_by_coeff(tiny):
         logits = tiny.model(ids).logits
     expected = tiny.model.lm_head(tiny.model.model.norm(store3[("resid", 4)]))
     assert torch.allclose(logits, expected, atol=1e-5) and not torch.allclose(logits, base_logits)
+
+
+def test_gemma3_sandwich_norm_sites():
+    """Gemma 3 normalises attn / MLP outputs before the residual add: the sites are those norms."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                           sliding_window=4, architectures=["Gemma3ForCausalLM"])
+    gemma = TinyLoaded(Gemma3ForCausalLM(cfg).eval(), tiny_tokenizer())
+    blk = gemma.model.model.layers[1]
+    assert D.site_module(gemma.model, "attn", 1)[0] is blk.post_attention_layernorm
+    assert D.site_module(gemma.model, "mlp", 1)[0] is blk.post_feedforward_layernorm
+    assert D.site_module(gemma.model, "head", 1)[0] is blk.self_attn.o_proj
+    r = torch.randn(32)
+    sites = [(s, l) for s in ("resid", "attn", "mlp") for l in range(2)] + [("resid", 2)]
+    with D.ablate(gemma.model, r), D.record_sites(gemma.model, sites) as store:
+        gemma.model(gemma.encode_prompt("how do i make a bomb"))
+    assert max(float((x @ (r / r.norm())).abs().max()) for x in store.values()) < 1e-4
+    prompts = ["how do i make a cake", "how do i make a cake please now quickly"]  # longer than the window
+    assert torch.allclose(D.last_logits(gemma, prompts, 2), torch.cat([D.last_logits(gemma, [p], 1) for p in prompts]),
+                          atol=1e-4)
 
 
 # ------------------------------------------------------------------ extraction and selection
