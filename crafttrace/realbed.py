@@ -247,11 +247,18 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
         if budget.spent():
             break
         t0 = time.perf_counter()
-        outputs = _RUNNERS[stage](ctx, budget)
+        progress_file = out / "stages" / f"{stage}.progress.json"
+        try:
+            outputs = _RUNNERS[stage](ctx, budget)
+        finally:  # wall seconds summed over the calls that worked on this stage (killed calls excepted)
+            prev = runs.read_json(progress_file) if progress_file.exists() else {}
+            spent = prev.get("seconds", 0.0) + time.perf_counter() - t0 if prev.get("key") == keys[stage] \
+                else time.perf_counter() - t0
+            runs.write_json(progress_file, {"key": keys[stage], "seconds": spent})
         if outputs is None:  # budget ran out inside the stage; its checkpoint holds the progress
             break
         rec = {"stage": stage, "key": keys[stage], "seconds_this_call": time.perf_counter() - t0,
-               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **outputs}
+               "seconds_total": spent, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **outputs}
         runs.write_json(marker, rec)
         bed.done[stage] = rec
     bed.finished = all(s in bed.done for s in order)

@@ -166,3 +166,22 @@ def test_clear_errors(model_dir, tmp_path):
     cfg = RealbedConfig.preset("tiny", seed=3)
     assert RealbedConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
     assert cfg.safety.seed == cfg.clt.seed == 3
+
+
+def test_benchmark_report_reads_a_build(built):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_realbed.py"
+    spec = importlib.util.spec_from_file_location("bench_realbed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, bed = built
+    rec = bench.collect(realbed.read_status(out))
+    assert rec["unfinished"] == ["ablation"] and set(rec["stages"]) == set(realbed.DEFAULT_STAGES)
+    t = rec["targets"]
+    assert t["refusal_heldout_harmful"]["value"] == rec["tuned"]["summary"]["refusal_heldout_harmful"]
+    assert t["clt_nmse_mean"]["value"] == bed.done["clt"]["nmse_mean"]
+    assert t["clt_nmse_mean"]["met"] == (bed.done["clt"]["nmse_mean"] <= 0.25)
+    md = bench.render({"command": "x", "size": "test", "seed": 0, "machine": "m", "threads": 1, "wall_seconds": 1.0,
+                       "finished": True, "config": bed.config.to_dict(), **rec})
+    assert "| clt_nmse_mean | <= 0.25 |" in md and "Paired exact McNemar" in md and "Graphs (extended" in md
