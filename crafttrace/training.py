@@ -297,46 +297,143 @@ class ActivationStream:
 
 # ---------------------------------------------------------------------------------------------------- model
 
-class _SparseDecode(torch.autograd.Function):
-    """out[t] = sum_i values[i] * W[feats[i]] over the nonzeros i of token t (CSR: ``crow`` row pointers).
+@dataclass
+class SparseActs:
+    """Active features of one source layer as CSR rows over tokens: ``crow`` [n+1] row pointers, ``feats``
+    (sorted within a token) and ``values`` (with grad)."""
+    crow: torch.Tensor
+    feats: torch.Tensor
+    values: torch.Tensor
 
-    Written by hand because autograd's own backward for ``embedding_bag`` materialises one decoder row per
-    nonzero (nnz x (L-l)*d_model) for the weight gradient and for ``per_sample_weights``. Here the weight
-    gradient is one sparse x dense product A^T G, and the value gradient is a sampled dense-dense product
-    (SDDMM: G W^T evaluated only at the nonzeros), so cost scales with nnz, never with d_transcoder.
-    With ``sparse_grad`` the weight gradient is a coalesced sparse tensor over the features active in the batch
-    (for ``torch.optim.SparseAdam``).
+
+class _CLTDecode(torch.autograd.Function):
+    """recon[:, j] = sum_{l<=j} a_l @ W_dec[l][j-l] for all target layers j at once: [n, L, d].
+    Decoders are target-major here, ``W_dec[l]`` is [L-l, d_t, d_model], so every (source, target) block is
+    one contiguous [d_t, d_model] matrix.
+
+    Hand-written (forward and backward) because autograd's versions are what make naive CLT training slow:
+    (1) accumulating L slices of one output (``recon[:, l:] += ...``) makes every backward step copy the
+    full [n, L, d] gradient; (2) ``embedding_bag``'s backward materialises one decoder row per nonzero
+    (nnz x (L-l)*d_model). Sparse mode instead runs three gathers over the nonzeros only, per block:
+      forward   out[t]  = sum_f a_tf W[f]            (embedding_bag over decoder rows)
+      d/dW      gW[f]   = sum_t a_tf g[t]            (embedding_bag over gradient rows, nonzeros sorted by feature)
+      d/da      ga_tf   = <g[t], W[f]>               (SDDMM: G W^T only at the nonzeros)
+    Per-block gathers keep the gathered matrix (d_t x d_model weights or n x d_model gradient) in cache; the
+    gathers are memory-bound, so this is several times faster than gathering whole (L-l)*d_model rows.
+    Cost is O(nnz * (L-l) * d_model) per source layer, never O(n * d_t * ...).
+    Dense mode (``acts`` are [n, d_t] tensors) is the reference: the same algebra with dense matmuls.
+    With ``sparse_grad`` the decoder gradient is a coalesced sparse tensor over the features active in the
+    batch, for ``torch.optim.SparseAdam``.
     """
 
     @staticmethod
-    def forward(ctx, values, W, feats, tokens, crow, sparse_grad: bool):
-        ctx.save_for_backward(values, W, feats, tokens, crow)
-        ctx.sparse_grad = sparse_grad
-        return F.embedding_bag(feats, W, crow[:-1], mode="sum", per_sample_weights=values)
+    def forward(ctx, patterns, sparse_grad: bool, n: int, d: int, *tensors):
+        L = len(tensors) // 2
+        acts, Ws = tensors[:L], tensors[L:]
+        ctx.patterns, ctx.sparse_grad = patterns, sparse_grad
+        ctx.save_for_backward(*tensors)
+        recon = acts[0].new_zeros(L, n, d)                         # target-major while accumulating
+        for l in range(L):
+            if patterns is None:
+                recon[l:] += torch.matmul(acts[l], Ws[l])          # [L-l, n, d]
+                continue
+            crow, feats = patterns[l]
+            for j in range(L - l):
+                recon[l + j] += F.embedding_bag(feats, Ws[l][j], crow[:-1], mode="sum", per_sample_weights=acts[l])
+        return recon.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, g):
-        values, W, feats, tokens, crow = ctx.saved_tensors
-        n, (n_feat, D) = g.shape[0], W.shape
-        g = g.contiguous()
-        g_values = g_W = None
-        if ctx.needs_input_grad[0]:
-            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is what we need here
+        tensors = ctx.saved_tensors
+        L = len(tensors) // 2
+        acts, Ws = tensors[:L], tensors[L:]
+        patterns = ctx.patterns
+        gT = g.transpose(0, 1).contiguous()                        # [L, n, d]: contiguous per target layer
+        n = gT.shape[1]
+        g_acts: list[torch.Tensor | None] = [None] * L
+        g_Ws: list[torch.Tensor | None] = [None] * L
+        for l in range(L):
+            W = Ws[l]                                              # [L-l, F, d]
+            if patterns is None:
+                g_acts[l] = torch.einsum("jnd,jfd->nf", gT[l:], W)
+                g_Ws[l] = torch.matmul(acts[l].t(), gT[l:])
+                continue
+            crow, feats = patterns[l]
+            values = acts[l]
+            n_feat = W.shape[1]
+            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is exactly what we need
                 warnings.simplefilter("ignore", UserWarning)
                 pattern = torch.sparse_csr_tensor(crow, feats, torch.zeros_like(values), (n, n_feat),
                                                   check_invariants=False)
-            g_values = torch.sparse.sampled_addmm(pattern, g, W.t()).values()
-        if ctx.needs_input_grad[1]:
+            # nonzeros regrouped by feature: bags of tokens for the decoder-gradient gather
+            by_feat = feats.argsort(stable=True)
+            feats_sorted = feats[by_feat]
+            tokens = torch.repeat_interleave(torch.arange(n), crow.diff())[by_feat]
+            vals_sorted = values[by_feat]
+            rows = feats_sorted.unique_consecutive() if ctx.sparse_grad else torch.arange(n_feat)
+            starts = torch.searchsorted(feats_sorted, rows)
+            g_vals = torch.zeros_like(values)
+            g_rows = W.new_empty(L - l, len(rows), W.shape[2])
+            for j in range(L - l):
+                g_vals += torch.sparse.sampled_addmm(pattern, gT[l + j], W[j].t()).values()
+                g_rows[j] = F.embedding_bag(tokens, gT[l + j], starts, mode="sum", per_sample_weights=vals_sorted)
+            g_acts[l] = g_vals
             if ctx.sparse_grad:
-                uniq, inv = feats.unique(return_inverse=True)
-                At = torch.sparse_coo_tensor(torch.stack([inv, tokens]), values, (len(uniq), n), check_invariants=False)
-                rows = torch.sparse.mm(At, g)
-                g_W = torch.sparse_coo_tensor(uniq[None], rows, (n_feat, D), is_coalesced=True,
-                                              check_invariants=False)
+                idx = torch.stack([torch.arange(L - l).repeat_interleave(len(rows)), rows.repeat(L - l)])
+                g_Ws[l] = torch.sparse_coo_tensor(idx, g_rows.reshape(-1, W.shape[2]), W.shape,
+                                                  is_coalesced=True, check_invariants=False)
             else:
-                At = torch.sparse_coo_tensor(torch.stack([feats, tokens]), values, (n_feat, n), check_invariants=False)
-                g_W = torch.sparse.mm(At, g)
-        return g_values, g_W, None, None, None, None
+                g_Ws[l] = g_rows
+        return (None, None, None, None, *g_acts, *g_Ws)
+
+
+class _DecoderNorms(torch.autograd.Function):
+    """||W_dec[l][:, f, :]|| (over all target layers) for the features ``feats``; with ``sparse_grad`` the
+    gradient is a sparse tensor over those features only (SparseAdam), else dense."""
+
+    @staticmethod
+    def forward(ctx, W, feats, sparse_grad: bool):
+        rows = W[:, feats]                                          # [L-l, u, d]
+        norms = rows.pow(2).sum((0, 2)).sqrt()
+        ctx.save_for_backward(rows, norms, feats)
+        ctx.sparse_grad, ctx.shape = sparse_grad, W.shape
+        return norms
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, norms, feats = ctx.saved_tensors
+        g_rows = rows * (g / norms.clamp_min(1e-12))[None, :, None]
+        J, u = rows.shape[0], rows.shape[1]
+        if ctx.sparse_grad:
+            idx = torch.stack([torch.arange(J).repeat_interleave(u), feats.repeat(J)])
+            return torch.sparse_coo_tensor(idx, g_rows.reshape(-1, rows.shape[2]), ctx.shape,
+                                           check_invariants=False), None, None
+        g_W = rows.new_zeros(ctx.shape)
+        g_W[:, feats] = g_rows                                     # feats are unique
+        return g_W, None, None
+
+
+class _GatherPre(torch.autograd.Function):
+    """Pre-activations of the selected (token, feature) pairs of one layer, with encoder gradients that only
+    touch those pairs: dW_enc[f] = sum_t g_tf x_t as one ``embedding_bag`` over input rows. The values come
+    from the dense no-grad encoder pass; only the backward is sparse. Valid whenever every other
+    pre-activation has zero gradient (TopK; JumpReLU without the dense pre-activation penalty), which
+    removes the dense [n, d_t, d_model] encoder-gradient matmul, the largest remaining cost of a step."""
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, pre_vals, x, tokens, feats):
+        ctx.save_for_backward(x, tokens, feats)
+        ctx.n_feat = W_enc.shape[0]
+        return pre_vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, tokens, feats = ctx.saved_tensors
+        by_feat = feats.argsort(stable=True)
+        starts = torch.searchsorted(feats[by_feat], torch.arange(ctx.n_feat))
+        g_W = F.embedding_bag(tokens[by_feat], x, starts, mode="sum", per_sample_weights=g[by_feat])
+        g_b = g.new_zeros(ctx.n_feat).index_add_(0, feats, g)
+        return g_W, g_b, None, None, None, None
 
 
 class _JumpReLUSTE(torch.autograd.Function):
@@ -365,18 +462,10 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t
 
 
-@dataclass
-class SparseActs:
-    """Active features of one source layer: token ids (sorted), feature ids and values (with grad)."""
-    tokens: torch.Tensor
-    feats: torch.Tensor
-    values: torch.Tensor
-
-
 class CLTModel(torch.nn.Module):
-    """Training-time CLT on normalised activations. Decoders are kept flattened, ``W_dec[l]`` is
-    ``[d_t, (L-l)*d_model]`` (circuit-tracer's ``[d_t, L-l, d_model]`` viewed flat), so one ``embedding_bag``
-    row lookup fetches a feature's writes to every later layer."""
+    """Training-time CLT on normalised activations. Decoders are target-major, ``W_dec[l]`` is
+    ``[L-l, d_t, d_model]`` (circuit-tracer's ``[d_t, L-l, d_model]`` with the first two axes swapped), so
+    each (source, target) block is a contiguous matrix for the blocked sparse gathers."""
 
     def __init__(self, n_layers: int, d_model: int, cfg: CLTTrainConfig):
         super().__init__()
@@ -389,7 +478,7 @@ class CLTModel(torch.nn.Module):
         self.log_threshold = torch.nn.Parameter(torch.zeros(L, F_))
         bound = 1 / math.sqrt(L * d)
         self.W_dec = torch.nn.ParameterList(
-            [torch.nn.Parameter((torch.rand(F_, (L - l) * d, generator=g) * 2 - 1) * bound) for l in range(L)])
+            [torch.nn.Parameter((torch.rand(L - l, F_, d, generator=g) * 2 - 1) * bound) for l in range(L)])
         self.b_dec = torch.nn.Parameter(torch.zeros(L, d))
 
     # ------------------------------------------------------------------ encode
@@ -397,27 +486,36 @@ class CLTModel(torch.nn.Module):
         """[n, L, d] -> [n, L, F]"""
         return torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
 
-    def sparse_acts(self, pre: torch.Tensor) -> list[SparseActs]:
+    def sparse_acts(self, pre: torch.Tensor, x: torch.Tensor | None = None) -> list[SparseActs]:
         """Per source layer, the features that are active -- or, for JumpReLU, close enough to the threshold to
-        receive a straight-through gradient (their value is 0 but they must still see the decoder)."""
+        receive a straight-through gradient (their value is 0 but they must still see the decoder).
+        With ``x`` given, ``pre`` is a no-grad tensor and encoder gradients flow through the selected pairs
+        only (``_GatherPre``)."""
         out = []
+        n = pre.shape[0]
         if self.cfg.activation == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1)            # [n, L, k]
-            vals = F.relu(vals)
-            n = pre.shape[0]
-            idx, order = idx.sort(dim=-1)          # CSR wants sorted column indices within a row
-            vals = vals.gather(-1, order)
+            with torch.no_grad():
+                idx = pre.topk(self.cfg.k, dim=-1).indices.sort(dim=-1).values  # CSR: sorted columns per row
+            vals = pre.gather(-1, idx)                                         # [n, L, k]
+            crow = torch.arange(0, n * self.cfg.k + 1, self.cfg.k)
             tokens = torch.arange(n).repeat_interleave(self.cfg.k)
             for l in range(self.n_layers):
-                out.append(SparseActs(tokens, idx[:, l].reshape(-1), vals[:, l].reshape(-1)))
+                feats, v = idx[:, l].reshape(-1), vals[:, l].reshape(-1)
+                if x is not None:
+                    v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], tokens, feats)
+                out.append(SparseActs(crow, feats, F.relu(v)))
             return out
         theta = self.log_threshold.exp()
         with torch.no_grad():
             candidates = (((pre - theta) / self.cfg.bandwidth) > -0.5) | (pre > theta)
         for l in range(self.n_layers):
-            tok, feat = candidates[:, l].nonzero(as_tuple=True)   # row-major: sorted by token
-            vals = _JumpReLUSTE.apply(pre[tok, l, feat], theta[l, feat], self.cfg.bandwidth)
-            out.append(SparseActs(tok, feat, vals))
+            tok, feat = candidates[:, l].nonzero(as_tuple=True)   # row-major: sorted by token, then feature
+            v = pre[tok, l, feat]
+            if x is not None:
+                v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], tok, feat)
+            vals = _JumpReLUSTE.apply(v, theta[l, feat], self.cfg.bandwidth)
+            crow = torch.searchsorted(tok, torch.arange(n + 1))
+            out.append(SparseActs(crow, feat, vals))
         return out
 
     def dense_acts(self, pre: torch.Tensor) -> torch.Tensor:
@@ -428,21 +526,14 @@ class CLTModel(torch.nn.Module):
         return _JumpReLUSTE.apply(pre, self.log_threshold.exp(), self.cfg.bandwidth)
 
     # ------------------------------------------------------------------ decode
-    def decode_sparse(self, acts: list[SparseActs], n: int, sparse_grad: bool) -> torch.Tensor:
-        L, d = self.n_layers, self.d_model
-        recon = self.b_dec.expand(n, L, d).clone()
-        for l, a in enumerate(acts):
-            crow = torch.searchsorted(a.tokens, torch.arange(n + 1))   # CSR row pointers (tokens are sorted)
-            out = _SparseDecode.apply(a.values, self.W_dec[l], a.feats, a.tokens, crow, sparse_grad)
-            recon[:, l:] += out.view(n, L - l, d)
-        return recon
+    def decode_sparse(self, acts: list[SparseActs], n: int, sparse_grad: bool = False) -> torch.Tensor:
+        patterns = [(a.crow, a.feats) for a in acts]
+        return self.b_dec + _CLTDecode.apply(patterns, sparse_grad, n, self.d_model,
+                                             *[a.values for a in acts], *self.W_dec)
 
     def decode_dense(self, acts: torch.Tensor) -> torch.Tensor:
-        n, L, d = acts.shape[0], self.n_layers, self.d_model
-        recon = self.b_dec.expand(n, L, d).clone()
-        for l in range(L):
-            recon[:, l:] += (acts[:, l] @ self.W_dec[l]).view(n, L - l, d)
-        return recon
+        return self.b_dec + _CLTDecode.apply(None, False, acts.shape[0], self.d_model,
+                                             *acts.unbind(1), *self.W_dec)
 
     # ------------------------------------------------------------------ loss
     def loss(self, x: torch.Tensor, y: torch.Tensor, lam: float, sparse: bool | None = None,
@@ -450,30 +541,33 @@ class CLTModel(torch.nn.Module):
         """Reconstruction (sum over layers of per-layer MSE / d_model, on normalised activations) + sparsity."""
         sparse = self.cfg.sparse_decode if sparse is None else sparse
         cfg, n = self.cfg, x.shape[0]
-        pre = self.pre_activations(x)
+        preact = cfg.activation == "jumprelu" and cfg.preact_coef > 0
+        sparse_encoder = sparse and not preact and torch.is_grad_enabled()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_encoder):
+            pre = self.pre_activations(x)
         penalty = pre.new_zeros(())
         if sparse:
-            acts = self.sparse_acts(pre)
+            acts = self.sparse_acts(pre, x if sparse_encoder else None)
             recon = self.decode_sparse(acts, n, sparse_grad)
             l0 = pre.new_tensor([float((a.values > 0).sum()) / n for a in acts])
             if cfg.activation == "jumprelu" and lam > 0:
                 for l, a in enumerate(acts):
-                    uniq, inv = a.feats.unique(return_inverse=True)
-                    norms = F.embedding(uniq, self.W_dec[l], sparse=sparse_grad).norm(dim=-1)[inv]
+                    uniq, inv = a.feats.unique(return_inverse=True)   # only features seen in this batch
+                    norms = _DecoderNorms.apply(self.W_dec[l], uniq, sparse_grad)[inv]
                     penalty = penalty + torch.tanh(cfg.sparsity_c * a.values * norms).sum() / n
         else:
             dense = self.dense_acts(pre)
             recon = self.decode_dense(dense)
             l0 = (dense > 0).float().sum(-1).mean(0)
             if cfg.activation == "jumprelu" and lam > 0:
-                norms = torch.stack([w.norm(dim=-1) for w in self.W_dec])       # [L, F]
+                norms = torch.stack([w.pow(2).sum((0, 2)).sqrt() for w in self.W_dec])   # [L, F]
                 penalty = torch.tanh(cfg.sparsity_c * dense * norms).sum() / n
         err = (recon - y).pow(2).sum(-1)                                          # [n, L]
         recon_loss = err.mean(0).sum() / self.d_model
         loss = recon_loss + lam * penalty
-        if cfg.activation == "jumprelu" and cfg.preact_coef > 0:
+        if preact:
             with torch.no_grad():  # detached norms: the decoder gradient stays sparse
-                norms = torch.stack([w.norm(dim=-1) for w in self.W_dec])
+                norms = torch.stack([w.pow(2).sum((0, 2)).sqrt() for w in self.W_dec])
             theta = self.log_threshold.exp()
             loss = loss + cfg.preact_coef * (F.relu(theta - pre) * norms).sum() / n
         with torch.no_grad():
@@ -505,7 +599,7 @@ def to_circuit_tracer(model: CLTModel, in_scale: torch.Tensor, out_scale: torch.
         clt.b_dec.copy_(model.b_dec * out_scale[:, None])
         clt.activation_function.threshold.copy_(threshold[:, None, :])
         for l in range(L):
-            clt.W_dec[l].copy_(model.W_dec[l].view(F_, L - l, d) * out_scale[l:, None])
+            clt.W_dec[l].copy_((model.W_dec[l] * out_scale[l:, None, None]).transpose(0, 1))
     return clt
 
 
@@ -581,10 +675,11 @@ class _Trainer:
         self.clt = CLTModel(n_layers, d_model, cfg)
         self.sparse_grad = cfg.sparse_decode and cfg.sparse_adam
         if self.sparse_grad:
-            self.opts = [torch.optim.Adam(self.clt.dense_parameters(), lr=cfg.lr),
+            self.opts = [torch.optim.Adam(self.clt.dense_parameters(), lr=cfg.lr, fused=True),
                          torch.optim.SparseAdam(list(self.clt.W_dec), lr=cfg.lr)]
         else:
-            self.opts = [torch.optim.Adam(self.clt.parameters(), lr=cfg.lr)]
+            # fused: one pass over each parameter instead of one per Adam op (the decoders are most of the memory)
+            self.opts = [torch.optim.Adam(self.clt.parameters(), lr=cfg.lr, fused=True)]
         self.in_scale = torch.ones(n_layers)
         self.out_scale = torch.ones(n_layers)
         self.step = 0

@@ -53,11 +53,13 @@ def small_cfg(**kw) -> CLTTrainConfig:
 
 # ------------------------------------------------------------------------------------------ sparse == dense
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation,preact", [("topk", 0.0), ("jumprelu", 0.0), ("jumprelu", 1e-2)])
 @pytest.mark.parametrize("sparse_grad", [False, True])
-def test_sparse_decode_matches_dense_reference(activation, sparse_grad):
+def test_sparse_decode_matches_dense_reference(activation, preact, sparse_grad):
+    """Loss and every gradient agree; covers the sparse encoder backward (TopK, JumpReLU without the dense
+    pre-activation penalty) and the dense encoder one (with it)."""
     torch.manual_seed(0)
-    cfg = CLTTrainConfig(d_transcoder=48, activation=activation, k=5, bandwidth=0.5)
+    cfg = CLTTrainConfig(d_transcoder=48, activation=activation, k=5, bandwidth=0.5, preact_coef=preact)
     model = CLTModel(n_layers=3, d_model=16, cfg=cfg)
     with torch.no_grad():
         model.log_threshold.fill_(-0.5)  # some features active, some inside the STE window
