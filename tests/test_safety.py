@@ -201,3 +201,17 @@ def test_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
     with pytest.raises(SafetyTuningError, match="different config"):
         safety.train_safety(load_model(model_dir), HARMFUL[:4], benign, tiny_config(lr=0.5), tmp_path / "b",
                             progress=False)
+
+
+def test_schedule_covers_each_example_once_per_epoch_with_length_grouping():
+    lengths = [10 + (i * 37) % 90 for i in range(50)]
+    cfg = tiny_config(epochs=3, batch_size=4)
+    batches = safety._schedule(lengths, cfg)
+    per_epoch = len(batches) // 3
+    assert len(batches) == 3 * 13
+    for e in range(3):
+        flat = [i for b in batches[e * per_epoch:(e + 1) * per_epoch] for i in b]
+        assert sorted(flat) == list(range(50))
+    assert batches == safety._schedule(lengths, cfg) and batches != safety._schedule(lengths, tiny_config(seed=1, epochs=3, batch_size=4))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30   # grouped by length: far below the ~60 of random batches
