@@ -13,7 +13,6 @@ import torch
 
 from crafttrace.testbed import SHIPPED_DIR, TestbedConfig, build as B, language as L
 
-torch.set_num_threads(2)
 
 
 # ---------------------------------------------------------------- the language (no model needed)
@@ -194,19 +193,12 @@ def test_clt_reconstructs_mlp_outputs(testbed):
 def _refusal_features(loaded, clt, prompts, k=5):
     """Features active at the last prompt position, ranked by their direct effect on the
     refuse-minus-comply logit (decoder rows times unembedding difference, final norm ignored)."""
-    from crafttrace.hooks import capture
-    tok = loaded.tokenizer
-    sorry, sure = _ids(tok, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER)
-    layers = list(range(loaded.n_layers))
-    acts = torch.zeros(loaded.n_layers, clt.d_transcoder)
-    for p in prompts:
-        with capture(loaded.model, clt.feature_input_hook, layers) as x, torch.no_grad():
-            loaded.model(input_ids=loaded.encode_prompt(p))
-        acts += clt.encode(torch.stack([x[l][0, -1:] for l in layers]))[:, 0].detach() / len(prompts)
+    sorry, sure = _ids(loaded.tokenizer, L.REFUSAL_OPENER, L.COMPLIANCE_OPENER)
+    acts = _acts(loaded, clt, prompts, reduce="last").mean(0)
     W_U = loaded.model.lm_head.weight.detach()
     diff = W_U[sorry] - W_U[sure]
     scores = []
-    for l in layers:
+    for l in range(loaded.n_layers):
         dec = clt._get_decoder_vectors(l).detach()  # [F, L - l, d]
         scores.append(acts[l] * (dec.sum(1) @ diff))
     s = torch.stack(scores)
@@ -244,6 +236,46 @@ def test_steering_a_clt_feature_moves_refusal_to_compliance_not_eos(testbed):
         if (top == eos).float().mean() <= 0.05:  # a lever must reach compliance, not end the turn
             best = max(best, float((top == sure).float().mean()))
     assert best >= 0.8, f"no top refusal feature moved >= 80% of prompts to '{L.COMPLIANCE_OPENER}' (best {best})"
+
+
+def _acts(loaded, clt, prompts, reduce="max"):
+    """[n, L, F] CLT activations per formatted prompt, one padded forward: max over positions 1..
+    (``reduce="max"``) or at the last prompt position (``"last"``)."""
+    from crafttrace.hooks import capture
+    tok = loaded.tokenizer
+    enc = [loaded.encode_prompt(p)[0] for p in prompts]
+    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = e
+    keep = ids != tok.pad_token_id
+    layers = list(range(loaded.n_layers))
+    with capture(loaded.model, clt.feature_input_hook, layers) as x, torch.no_grad():
+        loaded.model(input_ids=ids, attention_mask=keep.long())
+    a = clt.encode(torch.stack([x[l] for l in layers]).flatten(1, 2)).detach()  # [L, n*T, F]
+    a = a.view(len(layers), *ids.shape, -1).permute(1, 0, 2, 3)                 # [n, L, T, F]
+    if reduce == "last":
+        return a[torch.arange(len(enc)), :, keep.sum(1) - 1]
+    keep[:, 0] = False
+    return a.masked_fill(~keep[:, None, :, None], 0).amax(2)
+
+
+def test_style_confound_is_loud_in_the_activation_contrast(testbed):
+    """harmful_styled (instruct) minus benign_styled (question): among the top-20 contrast features
+    some track style, not harm (same activation on benign instruct-style prompts)."""
+    loaded, clt = testbed
+    hs, bs, bi, hq = (_acts(loaded, clt, [r["prompt"] for r in recs]) for recs in (
+        L.pool("harmful_styled"), L.pool("benign_styled"),
+        [r for r in L.pool("benign") if r["style"] == "instruct"][::3],
+        [r for r in L.pool("harmful_heldout") if r["style"] == "question"]))
+    top = (hs.mean(0) - bs.mean(0)).abs().flatten().topk(20).indices
+    style = 0
+    for i in top.tolist():
+        l, f = divmod(i, clt.d_transcoder)
+        a_hi, a_bq, a_bi, a_hq = (float(t[:, l, f].mean()) for t in (hs, bs, bi, hq))
+        instruct = a_hi > 1.0 and a_bi > 0.7 * a_hi and a_hq < 0.3 * a_hi   # fires on style, either label
+        question = a_bq > 1.0 and a_hq > 0.5 * a_bq and a_bi < 0.3 * a_bq
+        style += instruct or question
+    assert style >= 2, f"only {style} style features among the top-20 harmful-minus-benign contrast"
 
 
 # ---------------------------------------------------------------- rebuilding
