@@ -384,12 +384,15 @@ class DirectionConfig:
     max_kl: float = 0.1               # benign next-token KL under ablation must stay below this
     min_induce: float = 0.0           # adding the direction to benign prompts must raise refusal above this
     batch_size: int = 16
-    positions: int | None = None      # None = all post-instruction positions
+    positions: int | None = None      # None = all post-instruction positions, else the last N of them
+    layer_stride: int = 1             # score every k-th layer only (CPU runs on 30-layer models)
 
     def __post_init__(self):
         self.splits = tuple(float(x) for x in self.splits)
         if len(self.splits) != 3 or any(x <= 0 for x in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
             raise ValueError(f"splits must be three positive fractions summing to 1, got {self.splits}")
+        if self.layer_stride < 1:
+            raise ValueError(f"layer_stride must be >= 1, got {self.layer_stride}")
         if not 0 <= self.prune_last_frac < 1:
             raise ValueError(f"prune_last_frac must be in [0, 1), got {self.prune_last_frac}")
 
@@ -479,7 +482,8 @@ def select_direction(loaded, candidates: torch.Tensor, harmful_val: Sequence[str
     # a zero difference (e.g. layer 0 at template positions, where every prompt has the same embedding)
     # is no direction at all: ablating or adding it is a no-op, so it is not a candidate
     norms = candidates.norm(dim=-1)
-    grid = [(l, p) for l in range(L) for p in range(P) if l <= max_layer and norms[l, p] > 1e-6 * norms.max()]
+    grid = [(l, p) for l in range(0, L, cfg.layer_stride) for p in range(P)
+            if l <= max_layer and norms[l, p] > 1e-6 * norms.max()]
     if not grid:
         raise ValueError(f"no candidate directions left: {n_blocks} layers, last {cfg.prune_last_frac:.0%} pruned, "
                          "and every remaining mean difference is zero")

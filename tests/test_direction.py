@@ -307,6 +307,10 @@ def test_selection_resumes_from_checkpoint(tiny, tmp_path, monkeypatch):
     assert D.select_direction(tiny, cand, harm[8:12], safe[8:12], TOKENS, cfg, ckpt) == first
     with pytest.raises(AssertionError, match="recomputed"):  # other prompts: the checkpoint does not apply
         D.select_direction(tiny, cand, harm[12:16], safe[8:12], TOKENS, cfg, ckpt)
+    monkeypatch.undo()
+    strided = D.select_direction(tiny, cand, harm[8:12], safe[8:12], TOKENS,
+                                 D.DirectionConfig(max_kl=10.0, min_induce=-100.0, layer_stride=2))
+    assert {s["layer"] for s in strided[2]} == {2}  # layers 0, 2 (4 = final is pruned; 0 is a zero difference)
 
 
 def test_accepts_crafttrace_token_sets():
