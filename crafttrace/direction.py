@@ -164,7 +164,10 @@ def last_logits(loaded, prompts: Sequence[str], batch_size: int = 16, desc: str 
         seqs = [encode(loaded, p) for p in prompts[start:start + batch_size]]
         ids, mask, pos = _pad_left(seqs, _pad_id(loaded))
         dev = _device(model)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits
+        # logits_to_keep=1: only the first response position is read; the full [B, T, V] unembedding
+        # would dominate the cost for a 50k vocabulary
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       logits_to_keep=1).logits
         out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
 
@@ -306,7 +309,7 @@ def collect_resid(loaded, prompts: Sequence[str], n_pos: int, batch_size: int = 
         ids, mask, pos = _pad_left(seqs, _pad_id(loaded))
         dev = _device(model)
         with record_sites(model, [("resid", l) for l in range(L + 1)]) as store:
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), logits_to_keep=1)
         chunks.append(torch.stack([store[("resid", l)][:, -n_pos:].float().cpu() for l in range(L + 1)], 1))
     return torch.cat(chunks)
 

@@ -161,7 +161,7 @@ def _n_heads(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def _metric(model, ids: torch.Tensor, tokens: RefusalTokens) -> torch.Tensor:
-    return logit_diff(model(input_ids=ids).logits[:, -1], tokens).cpu()
+    return logit_diff(model(input_ids=ids, logits_to_keep=1).logits[:, -1], tokens).cpu()
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def patch_pair(loaded, pair: PromptPair, tokens: RefusalTokens, n_pos: int,
         raise ValueError(f"cannot patch {n_pos} positions of a {T}-token prompt")
     keys = [(s, l) for s in cfg.sites for l in range(L)] + ([("head", l) for l in range(L)] if cfg.heads else [])
     with record_sites(model, keys) as store:
-        clean = logit_diff(model(input_ids=c_ids[None]).logits[:, -1], tokens).cpu()
+        clean = _metric(model, c_ids[None], tokens)
     out = {"clean": float(clean), "corrupted": float(_metric(model, x_ids[None], tokens))}
     positions = torch.arange(T - n_pos, T, device=dev)
     bs = max(1, cfg.batch_size)
