@@ -11,8 +11,8 @@ unchanged, and every long stage resumes from its own checkpoint inside its direc
 
   distill        base model's greedy answers to the benign training prompts  -> sft/distill.jsonl
   sft            LoRA safety SFT (``crafttrace.safety``), merged              -> sft/model/ (HF directory)
-  measure_base   behaviour of the base model                                 -> measure/base.json
-  measure_tuned  the same for the tuned model                                -> measure/tuned.json
+  measure_tuned  behaviour of the tuned model (see below)                     -> measure/tuned.json
+  measure_base   the same for the base model                                 -> measure/base.json
   clt            CLT for the tuned model (``crafttrace.training.train_clt``)  -> clt/transcoder/
   graphs         circuit-tracer graphs on boundary prompts + replacement/completeness scores -> graphs/
   ablation       (opt-in) ``crafttrace.ablation.run_ablation`` with the real pools -> ablation/
@@ -48,9 +48,9 @@ from crafttrace import runs
 from crafttrace.safety import REFUSALS, SafetyConfig
 from crafttrace.training import CLTTrainConfig
 
-STAGES = ("distill", "sft", "measure_base", "measure_tuned", "clt", "graphs", "ablation")
+STAGES = ("distill", "sft", "measure_tuned", "measure_base", "clt", "graphs", "ablation")
 DEFAULT_STAGES = STAGES[:-1]
-SIZES = ("tiny", "default", "large")
+SIZES = ("tiny", "small", "default", "large")
 EXCERPT_CHARS = 60
 
 
@@ -93,8 +93,9 @@ class RealbedConfig:
 
     @classmethod
     def preset(cls, size: str = "default", seed: int = 0, base: str = "smollm2-135m-instruct") -> "RealbedConfig":
-        """``tiny``: a smoke build (minutes); ``default``: the measured build (aims at <= 90 min on 2 cores);
-        ``large``: more CLT tokens for a better reconstruction."""
+        """``tiny``: a smoke build (minutes); ``small``: fewer SFT examples, shorter distilled answers, smaller
+        evaluation subsets and CLT (for a busy machine); ``default``: the reference build (aims at <= 90 min on
+        2 idle cores); ``large``: more CLT tokens for a better reconstruction."""
         if size not in SIZES:
             raise RealbedError(f"unknown realbed size {size!r}; known: {list(SIZES)}")
         if size == "tiny":
@@ -107,7 +108,17 @@ class RealbedConfig:
                        measure=MeasureConfig(n_harmbench=16, n_strongreject=16, n_benign=16, n_mmlu=32, n_gsm8k=4,
                                              gen_tokens=24, gsm8k_tokens=64),
                        n_graph_prompts=1, graph_max_feature_nodes=64)
-        tokens = 400_000 if size == "default" else 2_000_000
+        if size == "small":
+            return cls(base=base, size=size, seed=seed,
+                       safety=SafetyConfig(n_harmful_train=160, n_benign_train=160, distill_max_new_tokens=32,
+                                           lr=2e-3, seed=seed),
+                       clt=CLTTrainConfig(d_transcoder=256, total_tokens=131_072, batch_tokens=1024,
+                                          chunk_tokens=16384, eval_tokens=4096, checkpoint_every=32, seed=seed),
+                       n_corpus_texts=500,
+                       measure=MeasureConfig(n_harmbench=50, n_strongreject=50, n_benign=50, n_mmlu=100, n_gsm8k=0,
+                                             gen_tokens=24),
+                       n_graph_prompts=2)
+        tokens = 409_600 if size == "default" else 2_048_000
         return cls(base=base, size=size, seed=seed, safety=SafetyConfig(seed=seed),
                    clt=CLTTrainConfig(d_transcoder=512, total_tokens=tokens, batch_tokens=1024, chunk_tokens=16384,
                                       eval_tokens=4096, checkpoint_every=50, seed=seed),
@@ -470,7 +481,9 @@ _RUNNERS: dict[str, Callable[[_Context, _Budget], dict | None]] = {
 def _rate(flags: list[bool]) -> dict:
     from crafttrace.capability import wilson
     k, n = sum(flags), len(flags)
-    return {"rate": k / n if n else 0.0, "k": k, "n": n, "ci95": list(wilson(k, n))}
+    if not n:
+        return {"rate": None, "k": 0, "n": 0, "ci95": None}
+    return {"rate": k / n, "k": k, "n": n, "ci95": list(wilson(k, n))}
 
 
 def measure_behaviour(loaded, mcfg: MeasureConfig, benign_test: list[str], seed: int = 0,
