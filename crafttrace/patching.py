@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from crafttrace.direction import RefusalTokens, edit_site, encode, logit_diff, n_layers, record_sites, save_figure
-from crafttrace.runs import write_json, write_tensors
+from crafttrace.runs import content_hash, read_tensors, write_json, write_tensors
 
 SITES = ("resid", "attn", "mlp")
 
@@ -220,16 +220,32 @@ def patch_pair(loaded, pair: PromptPair, tokens: RefusalTokens, n_pos: int,
     return out
 
 
+def _cached_patch_pair(loaded, pair: PromptPair, tokens, n_pos: int, cfg: PatchingConfig,
+                       out_dir: str | os.PathLike | None) -> dict:
+    """patch_pair, with each pair's raw result kept under ``out_dir/pairs/`` so an interrupted run resumes."""
+    if out_dir is None:
+        return patch_pair(loaded, pair, tokens, n_pos, cfg)
+    key = content_hash(pair.clean, pair.corrupted, list(tokens.refusal_ids), list(tokens.compliance_ids), n_pos,
+                       list(cfg.sites), cfg.heads, str(getattr(loaded, "name", "")), str(getattr(loaded, "source", "")))
+    path = Path(out_dir) / "pairs" / f"{key}.safetensors"
+    if path.is_file():
+        return {k: (float(v) if v.dim() == 0 else v) for k, v in read_tensors(path).items()}
+    raw = patch_pair(loaded, pair, tokens, n_pos, cfg)
+    write_tensors(path, {k: torch.as_tensor(v, dtype=torch.float32) for k, v in raw.items()})
+    return raw
+
+
 def patch(loaded, pairs: Sequence[PromptPair], tokens: RefusalTokens, cfg: PatchingConfig | None = None,
           out_dir: str | os.PathLike | None = None) -> PatchingResult:
-    """Patch clean -> corrupted over all pairs and normalise; writes patching.{safetensors,json} and
-    patching.png into ``out_dir`` when given.  (CLI: ``crafttrace patch``.)"""
+    """Patch clean -> corrupted over all pairs and normalise; writes patching.{safetensors,json},
+    patching.png and per-pair results (``pairs/``, reused by a rerun) into ``out_dir`` when given.
+    (CLI: ``crafttrace patch``.)"""
     cfg = cfg or PatchingConfig()
     if not pairs:
         raise ValueError("no prompt pairs to patch (match_pairs found no same-length harmful/benign pairs?)")
     lengths = [len(encode(loaded, p.clean)) for p in pairs]
     n_pos = min(lengths) if cfg.positions is None else min(cfg.positions, min(lengths))
-    raw = [patch_pair(loaded, p, tokens, n_pos, cfg) for p in tqdm(pairs, desc="patch pairs")]
+    raw = [_cached_patch_pair(loaded, p, tokens, n_pos, cfg, out_dir) for p in tqdm(pairs, desc="patch pairs")]
     clean = float(np.mean([r["clean"] for r in raw]))
     corr = float(np.mean([r["corrupted"] for r in raw]))
     gap = clean - corr

@@ -65,6 +65,19 @@ def test_patch_exact_at_layer0_and_hooks_removed(tiny, tmp_path):
     assert back.clean == res.clean and back.position_labels == res.position_labels
 
 
+def test_patch_resumes_from_per_pair_results(tiny, tmp_path, monkeypatch):
+    first = Pt.patch(tiny, PAIRS, TOKENS, Pt.PatchingConfig(heads=False), out_dir=tmp_path)
+    assert len(list((tmp_path / "pairs").glob("*.safetensors"))) == 2
+
+    def boom(*a, **k):
+        raise AssertionError("a finished pair was recomputed")
+    monkeypatch.setattr(Pt, "patch_pair", boom)
+    again = Pt.patch(tiny, PAIRS, TOKENS, Pt.PatchingConfig(heads=False), out_dir=tmp_path)
+    assert all(torch.equal(again.maps[s], first.maps[s]) for s in first.maps) and again.clean == first.clean
+    with pytest.raises(AssertionError, match="recomputed"):  # other settings: not reused
+        Pt.patch(tiny, PAIRS, TOKENS, Pt.PatchingConfig(heads=True), out_dir=tmp_path)
+
+
 def test_patch_is_deterministic_and_positions_option(tiny):
     a = Pt.patch(tiny, PAIRS[:1], TOKENS, Pt.PatchingConfig(positions=3, heads=False, batch_size=2))
     b = Pt.patch(tiny, PAIRS[:1], TOKENS, Pt.PatchingConfig(positions=3, heads=False, batch_size=7))
