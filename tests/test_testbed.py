@@ -3,8 +3,8 @@ its CLT, a steering lever to compliance, and deterministic (tiny) rebuilds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -286,22 +286,25 @@ TINY = TestbedConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_train=400, s
 
 def test_tiny_build_is_deterministic_and_complete(tmp_path):
     a = B.build_testbed(0, tmp_path / "a", TINY, progress=False)
-    b = B.build_testbed(0, tmp_path / "b", TINY, progress=False)
     from safetensors.torch import load_file
-    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    assert ma["model"] == mb["model"]
+    saved = load_file(a / "model" / "model.safetensors")
+    tok = B.build_tokenizer()
+    for seed, same in ((0, True), (1, False)):  # retraining: same seed -> same weights; other seed differs
+        torch.use_deterministic_algorithms(True)
+        try:
+            w = B.train_model(TINY, seed, tok).state_dict()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert all(torch.equal(w[k], saved[k]) for k in saved) == same, seed
+    m = json.loads((a / "metrics.json").read_text())
+    assert set(m["timings"]) >= {"model_train_wall_s", "clt_train_wall_s"} and m["seed"] == 0
     assert (a / "clt" / "config.yaml").exists() and not (a / "clt_run").exists()
-    from crafttrace.testbed import load_testbed  # noqa: F401  (import path used by the CLI)
     from crafttrace.models import load_model
     from crafttrace.transcoders import load_transcoder, validate_transcoder
     validate_transcoder(load_transcoder(a / "clt"), load_model(a / "model").model)
-    # a different seed trains a different model
-    torch.manual_seed(0)
-    tok = B.build_tokenizer()
-    w1 = B.train_model(TINY, 1, tok).state_dict()
-    assert not all(torch.equal(w1[k], wa[k]) for k in wa if k in w1)
+    assert B.build_testbed(0, a, TINY, progress=False) == a  # complete: returned as is
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['steps'\]\)"):
+        B.build_testbed(0, a, dataclasses.replace(TINY, steps=4), progress=False)
 
 
 def test_load_testbed_rejects_bad_seed_and_missing_without_build(tmp_path, monkeypatch):

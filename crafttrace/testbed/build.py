@@ -285,19 +285,31 @@ def build_testbed(seed: int = 0, out_dir: str | os.PathLike | None = None, cfg: 
     """Build (or finish building) the testbed for ``seed`` into ``out_dir`` and return it.
 
     Stages resume: an existing ``model/`` is reused, the CLT trainer resumes from its checkpoint,
-    and ``metrics.json`` is written last, so its presence marks a complete build."""
+    and ``metrics.json`` is written last, so its presence marks a complete build (returned as is)."""
     from crafttrace.models import load_model
-    from crafttrace.training import train_clt
-    from crafttrace.transcoders import load_transcoder
-
     from crafttrace.testbed import default_dir
+    from crafttrace.training import train_clt
+    from crafttrace.transcoders import load_transcoder, validate_transcoder
 
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"testbed seed must be a non-negative int, got {seed!r}")
     cfg = cfg or TestbedConfig()
     out = Path(out_dir) if out_dir is not None else default_dir(seed)
+    want = json.loads(json.dumps({"seed": seed, **asdict(cfg)}))
+    if (out / "build_config.json").exists():
+        have = json.loads((out / "build_config.json").read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{out} holds a testbed built with another configuration (differs in {diff}); "
+                             f"use another out_dir or delete it")
+    if (out / "metrics.json").exists():
+        print(f"testbed seed {seed} is already complete in {out}", flush=True)
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "build_config.json", {"seed": seed, **asdict(cfg)})
+    _write_json(out / "build_config.json", want)
+    timings_path = out / "timings.json"  # kept across resumed calls, folded into metrics.json at the end
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     torch.set_num_threads(cfg.threads)
-    timings = {}
     if not (out / "model" / "config.json").exists():
         t0 = time.time()
         torch.use_deterministic_algorithms(True)
@@ -308,8 +320,11 @@ def build_testbed(seed: int = 0, out_dir: str | os.PathLike | None = None, cfg: 
             torch.use_deterministic_algorithms(False)
         timings["model_train_wall_s"] = round(time.time() - t0, 1)
         _save_model_atomic(model, tok, out / "model")
+        _write_json(timings_path, timings)
     loaded = load_model(out / "model")
+    t0 = time.time()
     metrics = {"seed": seed, "model": evaluate_model(loaded.model, loaded.tokenizer)}
+    timings["model_eval_wall_s"] = round(time.time() - t0, 1)
     if not (out / "clt" / "config.yaml").exists():
         t0 = time.time()
         # clt_run/ holds the trainer's checkpoint (resume) until the CLT is finished and copied to clt/
@@ -319,10 +334,13 @@ def build_testbed(seed: int = 0, out_dir: str | os.PathLike | None = None, cfg: 
         _write_json(out / "clt_train_metrics.json", res.metrics)
         _replace_dir(res.path, out / "clt")
         shutil.rmtree(out / "clt_run")
-    clt = load_transcoder(out / "clt")
+        _write_json(timings_path, timings)
+    validate_transcoder(load_transcoder(out / "clt"), loaded.model)
     metrics["clt_config"] = clt_train_config(cfg, seed).to_dict()
     metrics["clt"] = {k: v for k, v in json.loads((out / "clt_train_metrics.json").read_text()).items()
                       if k != "history"}
     metrics["timings"] = timings
+    metrics["torch_threads"] = torch.get_num_threads()
     _write_json(out / "metrics.json", metrics)
+    timings_path.unlink()
     return out
