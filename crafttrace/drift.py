@@ -54,8 +54,8 @@ class DriftThresholds:
 @dataclass
 class DriftConfig:
     token_set: str = "testbed"
-    harmful: str = "testbed:harmful_heldout"
-    benign: str = "testbed:benign"
+    harmful: str | list[str] = "testbed:harmful_heldout"    # pool spec (monitor.load_pool) or prompts
+    benign: str | list[str] = "testbed:benign"
     n_prompts: int = 32
     top_k: int = 8
     mode: str = "influence_boundary"
