@@ -13,7 +13,7 @@ build is recorded as such; rerun the same command to continue). Records hold met
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import shlex
 import sys
@@ -87,6 +87,7 @@ def render(result: dict) -> str:
          "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}; torch threads {result['threads']}.  ",
          f"This call: {result['wall_seconds']:.0f} s; build finished: {result['finished']}"
          + (f"; unfinished stages: {', '.join(result['unfinished'])}" if result["unfinished"] else "") + ".", "",
+         *([f"**Build error:** {result['error']}", ""] if result.get("error") else []),
          "## Done targets", "", "| target | rule | value | met |", "|---|---|---|---|"]
     for k, v in result["targets"].items():
         L.append(f"| {k} | {v['rule']} | {_f(v['value'])} | {'-' if v['met'] is None else 'yes' if v['met'] else 'no'} |")
@@ -134,17 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     stages = realbed.DEFAULT_STAGES + (("ablation",) if args.ablation else ())
-    bed = realbed.build_realbed(args.out, size=args.size, seed=args.seed, stages=stages,
-                                time_budget_s=args.time_budget_s, threads=args.threads)
+    error = None
+    try:  # --time-budget-s 0 only reports what an earlier (possibly killed) build finished
+        bed = realbed.build_realbed(args.out, size=args.size, seed=args.seed, stages=stages,
+                                    time_budget_s=args.time_budget_s, threads=args.threads)
+    except Exception as e:  # record what is finished, then fail loudly
+        error = f"{type(e).__name__}: {e}"
+        bed = realbed.read_status(args.out or realbed.default_dir(args.size, args.seed))
     result = {"command": "python benchmarks/bench_realbed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "size": args.size, "seed": args.seed, "out_dir": str(bed.out_dir), "finished": bed.finished,
               "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
-              + f", {__import__('os').cpu_count()} CPUs", "wall_seconds": time.perf_counter() - t0,
-              "config": bed.config.to_dict(), **collect(bed)}
+              + f", {os.cpu_count()} CPUs", "wall_seconds": time.perf_counter() - t0,
+              "config": bed.config.to_dict(), "error": error, **collect(bed)}
     stem = Path(args.results) / f"realbed_{args.size}_seed{args.seed}"
     runs.write_json(stem.with_suffix(".json"), result)
     runs.atomic_write_text(stem.with_suffix(".md"), render(result))
     print(render(result))
+    if error:
+        raise SystemExit(f"realbed build failed: {error} (partial report in {stem}.md)")
     return result
 
 
