@@ -54,7 +54,14 @@ class AblationConfig:
     min_active_frac: float = 0.25
     max_feature_nodes: int = 512
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 64
+
+    @classmethod
+    def demo(cls, **overrides) -> "AblationConfig":
+        """Smaller pools for `crafttrace demo` (same protocol; the seeds benchmark uses the defaults)."""
+        d = dict(n_boundary=32, n_cross=16, n_plain=16, max_new_tokens=12)
+        d.update(overrides)
+        return cls(**d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AblationConfig":
@@ -126,7 +133,8 @@ class TestbedCapability:
         self.items = L.capability_items("eval")[:n]
 
     def correct(self, loaded) -> list[bool]:
-        answers = generate(loaded, [p for p, _ in self.items], max_new_tokens=4, desc="capability")
+        # One batch: the testbed is tiny, and per-step overhead dominates generation time.
+        answers = generate(loaded, [p for p, _ in self.items], max_new_tokens=4, batch_size=128, desc="capability")
         return [self.L.score_capability([a], [it]) == 1.0 for a, it in zip(answers, self.items)]
 
 

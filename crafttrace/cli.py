@@ -185,9 +185,10 @@ def ablation(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
     _run_ablation(model, transcoder, config, out, influence_path=influence_path)
 
 
-def _run_ablation(model, transcoder, config, out, rank_only=False, influence_path=None, extra=None):
+def _run_ablation(model, transcoder, config, out, rank_only=False, influence_path=None, extra=None, demo=False):
     from .ablation import AblationConfig, render_markdown, run_ablation
-    d = _config(config)
+    d = {k: v for k, v in AblationConfig.demo().__dict__.items()} if demo else {}
+    d.update(_config(config))
     d.update(extra or {})
     if influence_path:
         d["influence_path"] = influence_path
@@ -209,7 +210,7 @@ def demo(out: Path = OUT, seed: int = typer.Option(0, help="testbed seed (0 is s
     """Run the whole pipeline on the embedded synthetic testbed, offline, in well under a minute."""
     import time
     t = time.time()
-    _run_ablation(f"testbed:{seed}", None, None, out, influence_path=influence_path)
+    _run_ablation(f"testbed:{seed}", None, None, out, influence_path=influence_path, demo=True)
     typer.echo(f"demo finished in {time.time() - t:.1f} s")
 
 
@@ -415,6 +416,40 @@ def train_clt_cmd(model: str = typer.Option(..., "--model", "-m"), text: str = t
     cfg = CLTTrainConfig.from_dict(_config(config))
     res = train_clt(loaded, text, cfg, out, max_steps=max_steps)
     typer.echo(json.dumps(res.metrics, indent=1, default=str)[:2000])
+
+
+@app.command("example-graphs")
+def example_graphs(out: Path = typer.Option(Path("graphs"), "--out", "-o"), n: int = 3, seed: int = 0,
+                   run: Path = typer.Option(Path("runs/example-graphs"), help="scratch run directory")):
+    """Regenerate graphs/: the testbed's top-N boundary prompts, attributed, exported (JSON, GraphML,
+    refusal subgraph) and rendered as offline HTML views with the CRaFT feature highlighted."""
+    from . import attribution, boundary, runs
+    from .ablation import _pool
+    from .export import export_graph
+    from .ranking import effects_matrix
+    from .tokens import resolve
+    from .viewer import write_view
+    loaded, clt = load(f"testbed:{seed}")
+    ts = resolve(loaded.tokenizer, "testbed")
+    recs = _pool("testbed:framed_harmful", seed)
+    (sc,) = boundary.score_pool(loaded, [r["prompt"] for r in recs], [ts])
+    sel = boundary.select(sc, ts.name, top_k=n)
+    ids = [loaded.encode_prompt(p)[0] for p in sel.prompts]
+    effs = attribution.attribute_graphs(loaded, clt, ids, ts, attribution.AttributionSettings(), run / "effects",
+                                        cache_key=f"testbed:{seed}")
+    mean = effects_matrix(effs, clt.n_layers, clt.d_transcoder).mean(0)
+    flat = int(mean.abs().flatten().argmax())
+    top = (flat // clt.d_transcoder, flat % clt.d_transcoder)
+    index = []
+    for k, (p, e) in enumerate(zip(sel.prompts, effs)):
+        slug = f"testbed_boundary_{k}"
+        paths = export_graph(run / "effects" / e.meta["graph"], out, slug, features=[top], tokenizer=loaded.tokenizer)
+        html = write_view(paths["frontend"], out / f"{slug}.html", [top], title=p)
+        index.append({"slug": slug, "prompt": p, "logit_diff": e.logit_diff, "crafted_feature": list(top),
+                      "files": sorted(str(Path(v).name) for v in list(paths.values()) + [html])})
+    runs.write_json(out / "index.json", {"command": f"crafttrace example-graphs --out {out} --n {n} --seed {seed}",
+                                         "feature": list(top), "graphs": index})
+    typer.echo(f"wrote {len(index)} example graphs to {out}")
 
 
 @data_app.command("list")
