@@ -166,10 +166,17 @@ def choice_predictions(loaded: LoadedLike, prompts: Sequence[str], n_choices: Se
 
 
 def _records(name: str, items: Sequence[dict] | None, limit: int | None) -> list[dict]:
+    """``limit`` items spread evenly over the data set (deterministic): the files are sorted by
+    subject/source, so the first N would test only the first few subjects."""
     if items is None:
         from crafttrace.data import load_dataset
-        items = load_dataset(name, limit=limit)
-    return list(items)[:limit] if limit is not None else list(items)
+        items = load_dataset(name)
+    items = list(items)
+    if limit is None or limit >= len(items):
+        return items
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return [items[i * len(items) // limit] for i in range(limit)]
 
 
 # --------------------------------------------------------------------------- multiple choice
@@ -404,9 +411,9 @@ def ifeval(loaded: LoadedLike, limit: int | None = None, steering: AbstractConte
            items: Sequence[dict] | None = None, max_new_tokens: int = 512, batch_size: int = 8) -> list[bool]:
     """Prompt-level strict accuracy on the items whose every instruction has a checker.
 
-    ``limit`` counts supported items (unsupported ones are dropped before limiting).
+    ``limit`` counts supported items (unsupported ones are dropped before the spread-out selection).
     """
-    recs = [r for r in _records("ifeval", items, None) if ifeval_supported(r)][:limit]
+    recs = _records("ifeval", [r for r in _records("ifeval", items, None) if ifeval_supported(r)], limit)
     with steering or nullcontext():
         responses = generate(loaded, [r["prompt"] for r in recs], max_new_tokens, batch_size, "ifeval")
     return [all(ifeval_check(r, resp)) for r, resp in zip(recs, responses)]

@@ -8,8 +8,8 @@ from lead_fixtures import TinyLoaded
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crafttrace.capability import (IFEVAL_CHECKERS, Task, compare, extract_final_number, gsm8k, ifeval,
-                                   ifeval_check, ifeval_supported, mcnemar_exact, mmlu, mmlu_prompt,
+from crafttrace.capability import (IFEVAL_CHECKERS, Task, _records, compare, extract_final_number, gsm8k,
+                                   ifeval, ifeval_check, ifeval_supported, mcnemar_exact, mmlu, mmlu_prompt,
                                    paired_run, wilson)
 from crafttrace.data import load_dataset
 
@@ -182,6 +182,7 @@ def test_task_protocol_and_paired_run(loaded):
     base, new, cmp = paired_run(Flaky(), loaded, recording([]))
     assert base == [True] * 10 and cmp.lost == 8 and cmp.significant_drop
     assert len(Task("mmlu", limit=3)(loaded)) == 3  # items from crafttrace.data
+    assert [r["i"] for r in _records("x", [{"i": i} for i in range(10)], 4)] == [0, 2, 5, 7]  # spread out
     assert len(Task("arc_challenge", limit=2)(loaded)) == 2
     with pytest.raises(ValueError, match="unknown capability task 'hellaswag'"):
         Task("hellaswag")
