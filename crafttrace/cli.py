@@ -38,8 +38,9 @@ def load(model: str, transcoder: Optional[str] = None, need_transcoder: bool = T
         seed = int(model.split(":", 1)[1]) if ":" in model else 0
         loaded, clt = load_testbed(seed)
         if transcoder:
-            from .transcoders import load_transcoder
+            from .transcoders import load_transcoder, validate_transcoder
             clt = load_transcoder(transcoder)
+            validate_transcoder(clt, loaded.model)
         return loaded, clt
     from .models import load_model
     loaded = load_model(model)
