@@ -298,12 +298,35 @@ class ActivationStream:
 # ---------------------------------------------------------------------------------------------------- model
 
 @dataclass
-class SparseActs:
-    """Active features of one source layer as CSR rows over tokens: ``crow`` [n+1] row pointers, ``feats``
-    (sorted within a token) and ``values`` (with grad)."""
+@dataclass
+class SparsePattern:
+    """Nonzero positions of one source layer as CSR rows over tokens: ``crow`` [n+1] row pointers and
+    ``feats`` (sorted within a token). The regrouping by feature that both backward passes need (decoder and
+    encoder gradients gather over each feature's tokens) is computed once, on first use."""
     crow: torch.Tensor
     feats: torch.Tensor
+    n_feat: int
+    _by_feature: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def by_feature(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, tokens in feature order, start of each feature's run): nonzero ``order[i]`` is the i-th."""
+        if self._by_feature is None:
+            order = self.feats.argsort(stable=True)
+            tokens = torch.repeat_interleave(torch.arange(len(self.crow) - 1), self.crow.diff())[order]
+            starts = torch.searchsorted(self.feats[order], torch.arange(self.n_feat + 1))
+            self._by_feature = (order, tokens, starts)
+        return self._by_feature
+
+
+@dataclass
+class SparseActs:
+    """Active features of one source layer: their positions and values (with grad)."""
+    pattern: SparsePattern
     values: torch.Tensor
+
+    @property
+    def feats(self) -> torch.Tensor:
+        return self.pattern.feats
 
 
 class _CLTDecode(torch.autograd.Function):
@@ -337,9 +360,10 @@ class _CLTDecode(torch.autograd.Function):
             if patterns is None:
                 recon[l:] += torch.matmul(acts[l], Ws[l])          # [L-l, n, d]
                 continue
-            crow, feats = patterns[l]
+            pat = patterns[l]
             for j in range(L - l):
-                recon[l + j] += F.embedding_bag(feats, Ws[l][j], crow[:-1], mode="sum", per_sample_weights=acts[l])
+                recon[l + j] += F.embedding_bag(pat.feats, Ws[l][j], pat.crow[:-1], mode="sum",
+                                                per_sample_weights=acts[l])
         return recon.transpose(0, 1)
 
     @staticmethod
@@ -358,20 +382,21 @@ class _CLTDecode(torch.autograd.Function):
                 g_acts[l] = torch.einsum("jnd,jfd->nf", gT[l:], W)
                 g_Ws[l] = torch.matmul(acts[l].t(), gT[l:])
                 continue
-            crow, feats = patterns[l]
+            pat = patterns[l]
             values = acts[l]
             n_feat = W.shape[1]
             with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is exactly what we need
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, feats, torch.zeros_like(values), (n, n_feat),
+                pattern = torch.sparse_csr_tensor(pat.crow, pat.feats, torch.zeros_like(values), (n, n_feat),
                                                   check_invariants=False)
             # nonzeros regrouped by feature: bags of tokens for the decoder-gradient gather
-            by_feat = feats.argsort(stable=True)
-            feats_sorted = feats[by_feat]
-            tokens = torch.repeat_interleave(torch.arange(n), crow.diff())[by_feat]
-            vals_sorted = values[by_feat]
-            rows = feats_sorted.unique_consecutive() if ctx.sparse_grad else torch.arange(n_feat)
-            starts = torch.searchsorted(feats_sorted, rows)
+            order, tokens, starts = pat.by_feature()
+            vals_sorted = values[order]
+            if ctx.sparse_grad:
+                rows = (starts.diff() > 0).nonzero().squeeze(1)    # features active in this batch
+                starts = starts[rows]
+            else:
+                rows, starts = torch.arange(n_feat), starts[:-1]
             g_vals = torch.zeros_like(values)
             g_rows = W.new_empty(L - l, len(rows), W.shape[2])
             for j in range(L - l):
@@ -421,19 +446,18 @@ class _GatherPre(torch.autograd.Function):
     removes the dense [n, d_t, d_model] encoder-gradient matmul, the largest remaining cost of a step."""
 
     @staticmethod
-    def forward(ctx, W_enc, b_enc, pre_vals, x, tokens, feats):
-        ctx.save_for_backward(x, tokens, feats)
-        ctx.n_feat = W_enc.shape[0]
+    def forward(ctx, W_enc, b_enc, pre_vals, x, pattern: SparsePattern):
+        ctx.save_for_backward(x)
+        ctx.pattern = pattern
         return pre_vals.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x, tokens, feats = ctx.saved_tensors
-        by_feat = feats.argsort(stable=True)
-        starts = torch.searchsorted(feats[by_feat], torch.arange(ctx.n_feat))
-        g_W = F.embedding_bag(tokens[by_feat], x, starts, mode="sum", per_sample_weights=g[by_feat])
-        g_b = g.new_zeros(ctx.n_feat).index_add_(0, feats, g)
-        return g_W, g_b, None, None, None, None
+        (x,) = ctx.saved_tensors
+        order, tokens, starts = ctx.pattern.by_feature()
+        g_W = F.embedding_bag(tokens, x, starts[:-1], mode="sum", per_sample_weights=g[order])
+        g_b = g.new_zeros(ctx.pattern.n_feat).index_add_(0, ctx.pattern.feats, g)
+        return g_W, g_b, None, None, None
 
 
 class _JumpReLUSTE(torch.autograd.Function):
@@ -484,7 +508,8 @@ class CLTModel(torch.nn.Module):
     # ------------------------------------------------------------------ encode
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[n, L, d] -> [n, L, F]"""
-        return torch.einsum("nld,lfd->nlf", x, self.W_enc) + self.b_enc
+        # one batched GEMM with the bias fused in; the result is a [n, L, F] view of [L, n, F] memory
+        return torch.baddbmm(self.b_enc[:, None, :], x.transpose(0, 1), self.W_enc.transpose(1, 2)).transpose(0, 1)
 
     def sparse_acts(self, pre: torch.Tensor, x: torch.Tensor | None = None) -> list[SparseActs]:
         """Per source layer, the features that are active -- or, for JumpReLU, close enough to the threshold to
@@ -498,24 +523,23 @@ class CLTModel(torch.nn.Module):
                 idx = pre.topk(self.cfg.k, dim=-1).indices.sort(dim=-1).values  # CSR: sorted columns per row
             vals = pre.gather(-1, idx)                                         # [n, L, k]
             crow = torch.arange(0, n * self.cfg.k + 1, self.cfg.k)
-            tokens = torch.arange(n).repeat_interleave(self.cfg.k)
             for l in range(self.n_layers):
-                feats, v = idx[:, l].reshape(-1), vals[:, l].reshape(-1)
+                pat = SparsePattern(crow, idx[:, l].reshape(-1), self.cfg.d_transcoder)
+                v = vals[:, l].reshape(-1)
                 if x is not None:
-                    v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], tokens, feats)
-                out.append(SparseActs(crow, feats, F.relu(v)))
+                    v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], pat)
+                out.append(SparseActs(pat, F.relu(v)))
             return out
         theta = self.log_threshold.exp()
         with torch.no_grad():
             candidates = (((pre - theta) / self.cfg.bandwidth) > -0.5) | (pre > theta)
         for l in range(self.n_layers):
             tok, feat = candidates[:, l].nonzero(as_tuple=True)   # row-major: sorted by token, then feature
+            pat = SparsePattern(torch.searchsorted(tok, torch.arange(n + 1)), feat, self.cfg.d_transcoder)
             v = pre[tok, l, feat]
             if x is not None:
-                v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], tok, feat)
-            vals = _JumpReLUSTE.apply(v, theta[l, feat], self.cfg.bandwidth)
-            crow = torch.searchsorted(tok, torch.arange(n + 1))
-            out.append(SparseActs(crow, feat, vals))
+                v = _GatherPre.apply(self.W_enc[l], self.b_enc[l], v, x[:, l], pat)
+            out.append(SparseActs(pat, _JumpReLUSTE.apply(v, theta[l, feat], self.cfg.bandwidth)))
         return out
 
     def dense_acts(self, pre: torch.Tensor) -> torch.Tensor:
@@ -527,7 +551,7 @@ class CLTModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ decode
     def decode_sparse(self, acts: list[SparseActs], n: int, sparse_grad: bool = False) -> torch.Tensor:
-        patterns = [(a.crow, a.feats) for a in acts]
+        patterns = [a.pattern for a in acts]
         return self.b_dec + _CLTDecode.apply(patterns, sparse_grad, n, self.d_model,
                                              *[a.values for a in acts], *self.W_dec)
 

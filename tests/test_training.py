@@ -18,6 +18,15 @@ DATA = Path(os.environ.get("CRAFTTRACE_DATA", Path(__file__).resolve().parents[2
 CORPUS = DATA / "text" / "corpus.jsonl"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: with several threads on a busy machine OpenMP spin-waits cost more than the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
     if not CORPUS.exists():
