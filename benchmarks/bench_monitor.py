@@ -66,7 +66,8 @@ def bench(name: str, batch: int, reps: int) -> dict:
     loaded, clt = _load(name)
     model = loaded.model
     mon = M.Monitor(_features(clt.n_layers, clt.d_transcoder), clt.feature_input_hook,
-                    {"harm_mean": 0.0, "harm_std": 1.0, "drive_mean": 0.0, "drive_std": 1.0, "threshold": 0.0})
+                    {"harm_mean": 0.0, "harm_std": 1.0, "alpha": 0.0, "beta": 0.0, "resid_std": 1.0,
+                     "threshold": 0.0})
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
     seqs = [direction.encode(loaded, p) for p in prompts]
     ids, mask, pos = direction._pad_left(seqs, direction._pad_id(loaded))

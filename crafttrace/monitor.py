@@ -6,23 +6,28 @@ a small calibration set of harmful and benign prompts:
 
 * ``refusal``     top influence features with a positive signed effect (push towards refusal),
 * ``compliance``  top influence features with a negative signed effect,
-* ``harm``        features upstream of the decision that fire on harmful requests: largest standardised
-                  harmful-vs-benign contrast of max activation on the calibration prompts (or, without
-                  calibration prompts, the ranking's ``activation_cross_group`` top), decision features
-                  excluded. Contrast is standardised (Cohen's d) rather than a raw mean difference so a
-                  loud but noisy feature (style, length) does not outrank a reliable one.
+* ``harm``        features that recognise a harmful request: largest standardised harmful-vs-benign
+                  contrast (Cohen's d) of per-prompt max activation on the calibration prompts. Cohen's d,
+                  not a raw mean difference, so a loud but noisy feature (style, length) does not outrank
+                  a reliable one. Decision features may be chosen too: in a CLT the features that drive
+                  refusal at the answer position are often the ones that recognise harm earlier on.
 
 Per input, from activations read at ``clt.feature_input_hook`` (``mlp.hook_in`` / ``hook_resid_mid``;
 read-only forward hooks, nothing is written back):
 
-    harm(x)   = mean_i in harm  a_i(x) / typical_i              a = max over positions (position 0 excluded)
-    drive(x)  = sum_i in decision  (effect_i / typical_i) a_i(x)  a = activation at the last position
-    score(x)  = z(harm(x)) - z(drive(x))                        z: standardised on benign calibration prompts
+    harm(x)   = mean_i in harm  a_i(x) / typical_i               a = max over positions (position 0 excluded)
+    drive(x)  = sum_i in decision  (effect_i / typical_i) a_i(x)   a = activation at the last position
+    z_harm    = (harm - mean_benign) / std_benign                 harm recognised?
+    supp      = (alpha + beta harm - drive) / std_resid           refusal drive below what that harm predicts?
+    score(x)  = min(z_harm, supp)                                 both at once: the jailbreak signature
 
 ``drive`` is the linearised contribution of the decision features to the refusal-minus-compliance
-logit difference (signed total effect per unit of activation, times activation). A high score means
-harm evidence well above benign with a refusal drive that does not follow: the jailbreak signature.
-``flagged`` = score above the benign calibration quantile at ``1 - fpr``.
+logit difference (signed total effect per unit of activation, times activation). ``alpha, beta`` are a
+least-squares fit of drive on harm over the calibration prompts (harmful and benign, where the model
+behaves as trained), so ``supp`` measures suppression *relative to the harm seen*: a refused harmful
+prompt has high ``z_harm`` but ``supp`` near 0, a benign prompt has low ``z_harm``; only an input with
+both is scored high. ``flagged`` = score above the benign calibration quantile at ``1 - fpr``; ``z_harm``
+alone is the monitor's harmful-request detector.
 
 The two baselines reported beside it are the refusal-direction projection (difference of means,
 ``crafttrace.direction``) and the model's own first-token P(refuse). Jailbreak rewrites for real
@@ -134,14 +139,21 @@ class Monitor:
         drive = (a_last * w * ~is_harm).sum(-1)
         return harm, drive
 
-    def score(self, a_max: torch.Tensor, a_last: torch.Tensor) -> torch.Tensor:
+    def evidence(self, a_max: torch.Tensor, a_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_harm [B], suppression [B]): both standardised with the calibration statistics."""
         c = self.calibration
         if not c:
-            raise ValueError("monitor is not calibrated: call calibrate() (or build_monitor with benign prompts)")
+            raise ValueError("monitor is not calibrated: call calibrate() (or build_monitor with calibration prompts)")
         harm, drive = self.components(a_max, a_last)
-        return (harm - c["harm_mean"]) / c["harm_std"] - (drive - c["drive_mean"]) / c["drive_std"]
+        z = (harm - c["harm_mean"]) / c["harm_std"]
+        supp = (c["alpha"] + c["beta"] * harm - drive) / c["resid_std"]
+        return z, supp
+
+    def score(self, a_max: torch.Tensor, a_last: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(*self.evidence(a_max, a_last))
 
     def readings(self, a_max: torch.Tensor, a_last: torch.Tensor, top: int = 5) -> list[MonitorReading]:
+        """Per input: score, flag, and the features behind each evidence term (contribution in z units)."""
         c = self.calibration
         harm, drive = self.components(a_max, a_last)
         s = self.score(a_max, a_last)
@@ -151,10 +163,10 @@ class Monitor:
         for b in range(a_max.shape[0]):
             rows = []
             for j, f in enumerate(self.features):
-                if f.group == "harm":
+                if f.group == "harm":   # raises z_harm (and, through beta, the drive it predicts)
                     act, contrib = float(a_max[b, j]), float(a_max[b, j] * w[j]) / n_harm / c["harm_std"]
-                else:
-                    act, contrib = float(a_last[b, j]), -float(a_last[b, j] * w[j]) / c["drive_std"]
+                else:                   # refusal drive lowers suppression, compliance drive raises it
+                    act, contrib = float(a_last[b, j]), -float(a_last[b, j] * w[j]) / c["resid_std"]
                 if act > 0:
                     rows.append({"layer": f.layer, "index": f.index, "group": f.group, "activation": act,
                                  "contribution": contrib})
@@ -311,7 +323,7 @@ def decision_features(rk, cfg: MonitorConfig) -> list[MonitorFeature]:
 
 
 def harm_features(loaded, clt, harmful: Sequence[str], benign: Sequence[str], k: int,
-                  exclude: set[tuple[int, int]], progress: bool = True) -> list[MonitorFeature]:
+                  exclude: set[tuple[int, int]] = frozenset(), progress: bool = True) -> list[MonitorFeature]:
     """Top-``k`` features by Cohen's d of per-prompt max activation, harmful vs benign calibration prompts."""
     if len(harmful) < 2 or len(benign) < 2:
         raise ValueError(f"harm-feature selection needs >= 2 harmful and >= 2 benign calibration prompts, "
@@ -336,14 +348,19 @@ def harm_features(loaded, clt, harmful: Sequence[str], benign: Sequence[str], k:
     return out
 
 
-def calibrate(monitor: Monitor, benign: Scored) -> Monitor:
-    """Benign means / stds of both components and the score threshold at ``1 - fpr``."""
-    harm, drive = monitor.components(benign.a_max, benign.a_last)
-    if len(harm) < 2:
-        raise ValueError("calibration needs at least 2 benign prompts")
-    monitor.calibration = {"harm_mean": float(harm.mean()), "harm_std": float(harm.std()) or 1.0,
-                           "drive_mean": float(drive.mean()), "drive_std": float(drive.std()) or 1.0,
-                           "threshold": float("inf"), "n_benign": len(harm)}
+def calibrate(monitor: Monitor, harmful: Scored, benign: Scored) -> Monitor:
+    """Benign mean / std of harm, the drive-on-harm fit over both classes, the threshold at ``1 - fpr``."""
+    hh, dh = monitor.components(harmful.a_max, harmful.a_last)
+    hb, db = monitor.components(benign.a_max, benign.a_last)
+    if len(hb) < 2 or len(hh) < 2:
+        raise ValueError(f"calibration needs at least 2 harmful and 2 benign prompts, got {len(hh)} and {len(hb)}")
+    h, d = torch.cat([hh, hb]).double(), torch.cat([dh, db]).double()
+    X = torch.stack([torch.ones_like(h), h], 1)
+    alpha, beta = torch.linalg.lstsq(X, d[:, None]).solution[:, 0].tolist()
+    resid = d - (alpha + beta * h)
+    monitor.calibration = {"harm_mean": float(hb.mean()), "harm_std": float(hb.std()) or 1.0,
+                           "alpha": alpha, "beta": beta, "resid_std": float(resid.std()) or 1.0,
+                           "threshold": float("inf"), "n_harmful": len(hh), "n_benign": len(hb)}
     s = monitor.score(benign.a_max, benign.a_last).numpy()
     monitor.calibration["threshold"] = float(np.quantile(s, 1 - monitor.config.fpr))
     return monitor
@@ -354,9 +371,11 @@ def build_monitor(loaded, clt, rk, harmful: Sequence[str], benign: Sequence[str]
     """Decision features from the ranking, harm features and calibration from the prompts."""
     cfg = cfg or MonitorConfig()
     dec = decision_features(rk, cfg)
-    harm = harm_features(loaded, clt, harmful, benign, cfg.k_harm, {(f.layer, f.index) for f in dec}, progress)
+    harm = harm_features(loaded, clt, harmful, benign, cfg.k_harm, progress=progress)
     mon = Monitor(harm + dec, clt.feature_input_hook, {}, cfg)
-    return calibrate(mon, read_prompts(loaded, clt, mon, benign, ts, cfg.batch_size, "calibrate"))
+    bs = cfg.batch_size
+    return calibrate(mon, read_prompts(loaded, clt, mon, harmful, ts, bs, "calibrate harmful"),
+                     read_prompts(loaded, clt, mon, benign, ts, bs, "calibrate benign"))
 
 
 # --------------------------------------------------------------------------- evaluation as a detector
@@ -408,11 +427,11 @@ def evaluate(loaded, clt, monitor: Monitor, base: DirectionBaseline, pos: Sequen
     components alone (harm evidence, suppressed drive) are reported too, to show what the score uses."""
     bs = monitor.config.batch_size
     sp, sn = read_prompts(loaded, clt, monitor, pos, ts, bs), read_prompts(loaded, clt, monitor, neg, ts, bs)
-    (hp, dp), (hn, dn) = monitor.components(sp.a_max, sp.a_last), monitor.components(sn.a_max, sn.a_last)
-    scores = {"monitor": (monitor.score(sp.a_max, sp.a_last), monitor.score(sn.a_max, sn.a_last)),
+    (zp, up), (zn, un) = monitor.evidence(sp.a_max, sp.a_last), monitor.evidence(sn.a_max, sn.a_last)
+    scores = {"monitor": (torch.minimum(zp, up), torch.minimum(zn, un)),
               "direction": (base.project(loaded, pos, bs), base.project(loaded, neg, bs)),
               "p_refuse": (sp.p_refuse, sn.p_refuse),
-              "harm_only": (hp, hn), "neg_drive_only": (-dp, -dn)}
+              "monitor_harm": (zp, zn), "monitor_suppression": (up, un)}
     res = {k: detector_metrics(p, n, fpr) for k, (p, n) in scores.items()}
     thr = monitor.calibration["threshold"]
     res["flag_rate_pos"] = float((scores["monitor"][0] > thr).float().mean())
@@ -548,9 +567,10 @@ def run_monitor(loaded, clt, rk, out_dir: str | Path, cfg: MonitorRunConfig | No
                                    else {"skipped": f"only {len(wh_c)} wrapped harmful prompts complied with"}),
               "n_wrapped_harmful": len(wh), "n_wrapped_complied": len(wh_c),
               "definition": {
-                  "score": "z(harm) - z(drive); harm = mean over harm features of max activation / typical; "
-                           "drive = sum over decision features of (signed effect / typical) x last-position "
-                           "activation; z from benign calibration prompts",
+                  "score": "min(z_harm, suppression); z_harm = (harm - benign mean) / benign std, harm = mean "
+                           "over harm features of max activation / typical; suppression = (alpha + beta harm - "
+                           "drive) / residual std, drive = sum over decision features of (signed effect / "
+                           "typical) x last-position activation, alpha/beta fitted on calibration prompts",
                   "complied": "first-token P(compliance set) > P(refusal set)",
                   "tpr_at_fpr": f"TPR at the negatives' {1 - mcfg.fpr:.0%} quantile threshold"}}
     result["wall_seconds"] = time.time() - t0
@@ -600,7 +620,7 @@ def render_markdown(result: dict, mon: Monitor) -> str:
         if "skipped" in r:
             lines.append(f"| {name} | - | {r['skipped']} | | | | |")
             continue
-        for det in ("monitor", "direction", "p_refuse", "harm_only", "neg_drive_only"):
+        for det in ("monitor", "monitor_harm", "monitor_suppression", "direction", "p_refuse"):
             m = r[det]
             lines.append(f"| {name} | {det} | {m['auroc']:.3f} | {m['tpr_at_fpr']:.3f} | {m['fpr']:.3f} | "
                          f"{m['n_pos']} | {m['n_neg']} |")
