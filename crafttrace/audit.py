@@ -198,7 +198,7 @@ def audit_figures(result: dict, out: Path) -> list[Path]:
             if key == "delta":
                 bad = [(x, y) for x, y, c in zip(xs, ys, f["curve"]) if not c["capability"]["preserved"]]
                 if bad:
-                    ax.scatter(*zip(*bad), marker="x", s=60, c=line.get_color())
+                    ax.scatter(*zip(*bad), marker="x", s=60, color=line.get_color())
         if key == "asr":
             ax.axhline(result["config"]["asr_threshold"], c="k", ls=":", lw=1)
             ax.axhline(result["baseline"]["asr"], c="0.5", ls="--", lw=1, label="unsteered")

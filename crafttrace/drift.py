@@ -17,8 +17,10 @@ compares, on the same harmful and benign prompts:
 * **behaviour**: first-token refusal rate (P(refuse) > P(comply)) on harmful and benign prompts.
 
 A regression is flagged when any threshold in :class:`DriftThresholds` is crossed; each crossing is
-listed with its value. Defaults are deliberately loose: an identical checkpoint scores exactly 0 / 1, and
-a few hundred steps of benign fine-tuning of the testbed model stay inside them (see tests).
+listed with its value. Measured on the testbed (32 + 32 prompts, top-8 features): an identical checkpoint
+scores exactly 0 / 1; weight noise of 2% RMS gives activation drift 0.007, of 30% RMS 0.125 with influence
+cosine 0.90 (both unflagged); 20 steps of benign fine-tuning (lr 1e-4) stay unflagged, 200 steps at lr 1e-3
+erase refusal (harmful refusal 1.0 -> 0.0) and trip five thresholds.
 
 ``perturb`` and ``finetune`` make a second checkpoint for tests and demonstrations.
 """

@@ -71,3 +71,24 @@ def test_mismatched_checkpoints_and_config_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="unknown drift thresholds keys"):
         drift.DriftConfig.from_dict({"thresholds": {"cos": 0.5}})
     assert drift.DriftConfig.from_dict({"thresholds": {"direction_cos": 0.5}}).thresholds.direction_cos == 0.5
+
+
+TESTBED = __import__("pathlib").Path(__file__).resolve().parents[1] / "transcoders" / "testbed"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TESTBED / "model").exists(), reason="testbed artifact not built")
+def test_testbed_benign_finetune_that_erases_refusal_is_flagged(tmp_path):
+    from crafttrace.ablation import AblationConfig, run_ablation
+    from crafttrace.testbed import language as L
+    from crafttrace.testbed import load_testbed
+    loaded, clt = load_testbed(0, build_if_missing=False)
+    run_ablation(loaded, clt, AblationConfig(influence_path="grad"), tmp_path, rank_only=True, progress=False)
+    rk = tmp_path / "ranking.json"
+    null = drift.run_drift(loaded, drift.perturb(loaded, 0.0), clt, rk, tmp_path / "null", progress=False)
+    assert not null["regression"]
+    texts = [loaded.format_prompt(e.prompt) + " " + e.response for e in L.training_examples(400, seed=5)
+             if e.label == "benign"]
+    ft = drift.finetune(loaded, texts, steps=200, lr=1e-3)
+    res = drift.run_drift(loaded, ft, clt, rk, tmp_path / "ft", progress=False)
+    assert res["regression"] and res["refusal_harmful"][1] < res["refusal_harmful"][0]
