@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -313,6 +312,8 @@ def test_load_testbed_rejects_bad_seed_and_missing_without_build(tmp_path, monke
     from crafttrace.testbed import load_testbed
     with pytest.raises(ValueError, match="non-negative int"):
         load_testbed(-1)
+    with pytest.raises(ValueError, match=r"unknown TestbedConfig fields \['stepz'\]"):
+        TestbedConfig.from_dict({"stepz": 3})
     monkeypatch.setenv("CRAFTTRACE_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="crafttrace testbed build --seed 5"):
         load_testbed(5, build_if_missing=False)

@@ -5,9 +5,11 @@ chat language, its cross-layer transcoder, and the metrics that certify the mech
 
 writes ``model/`` (HF ``save_pretrained``, safetensors + tokenizer with chat template),
 ``clt/`` (circuit-tracer layout via ``crafttrace.training.train_clt``) and ``metrics.json``.
-Everything is deterministic in the seed: data come from ``random.Random(seed)``, weights from
-``torch.manual_seed``, and training runs with a fixed thread count and deterministic algorithms.
-The CLT reads ``mlp.hook_in`` (normalised MLP input) and writes ``hook_mlp_out`` at every layer.
+Deterministic in the seed: data come from ``random.Random(seed)``, weights from ``torch.manual_seed``,
+and the model trains with a fixed thread count and deterministic algorithms (a rebuild is bitwise equal).
+The CLT (``train_clt`` defaults) reads ``hook_resid_mid`` (residual after attention) and writes
+``hook_mlp_out`` of layers l..L-1; its training drifts at float precision across processes, so a rebuilt
+CLT matches the metrics closely but not bitwise.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class TestbedConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TestbedConfig":
         d = dict(d)
+        for klass, keys, name in ((cls, set(d), "TestbedConfig"),
+                                  (L.LanguageConfig, set(d.get("language", {})), "LanguageConfig")):
+            unknown = sorted(keys - set(klass.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown {name} fields {unknown}; known: {sorted(klass.__dataclass_fields__)}")
         d["language"] = L.LanguageConfig(**d.get("language", {}))
         return cls(**d)
 
