@@ -17,11 +17,17 @@ penalty against dead features. ``activation="topk"`` keeps the k largest pre-act
 circuit-tracer only runs ReLU/JumpReLU, so TopK is exported as JumpReLU with per-feature thresholds calibrated to
 match each feature's TopK firing rate, and ``metrics.json`` reports the NMSE of that exported model.
 
-Sparse decode: only the decoder rows of active features are read (``F.embedding_bag`` with
-``per_sample_weights`` over each source layer's decoder flattened to ``[d_t, (L-l)*d_model]``), and with
-``sparse_adam`` their gradients are sparse and updated by ``torch.optim.SparseAdam``, so neither the forward,
-the backward nor the optimizer touches all ``L(L+1)/2`` decoder blocks each step. ``sparse_decode=False`` is
-the dense reference (materialised activations times full decoders) kept for tests and the benchmark.
+Sparse decode (``_CLTDecode``): only the decoder rows of active features are read, written and differentiated:
+``F.embedding_bag`` with ``per_sample_weights`` per (source, target) block of the target-major decoders
+``[L-l, d_t, d_model]``, a hand-written backward (gathers + SDDMM, cost O(nnz * d_model) per block), and a
+sparse encoder backward (``_GatherPre``) when nothing else needs dense pre-activation gradients (TopK, or
+JumpReLU with ``preact_coef=0``). With ``sparse_adam`` decoder gradients are sparse over the features active in
+the batch and updated by ``torch.optim.SparseAdam`` (pays off when d_transcoder >> tokens per batch * L0).
+``sparse_decode=False`` is the dense reference (materialised activations times full decoders, same algebra),
+kept for tests and ``benchmarks/bench_clt_training.py``.
+
+Training runs on CPU (the model may sit anywhere; activations are moved to CPU). On a shared, oversubscribed
+machine ``torch.set_num_threads(1)`` can be several times faster than the default (OpenMP spin-waits).
 
 Data: texts are tokenised into windows of ``context_length`` (BOS re-prefixed when the tokenizer uses one);
 position 0 of every window is skipped (circuit-tracer zeroes position-0 features). Activations are collected
@@ -159,7 +165,7 @@ class TrainResult:
 
 def read_texts(source: str | Path | Iterable[str], field_name: str = "text", limit: int | None = None) -> list[str]:
     """Texts from a .jsonl file (``field_name``), a .txt file (one text per non-empty line),
-    a ``crafttrace.data`` dataset name (e.g. ``"text/corpus"``), or any iterable of strings."""
+    a ``crafttrace.data`` dataset name (e.g. ``"text"``, the shared text corpus), or any iterable of strings."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix == ".jsonl" and path.exists():

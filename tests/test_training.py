@@ -213,6 +213,11 @@ def test_config_roundtrip_and_validation(tmp_path):
         CLTTrainConfig(sparse_decode=False, sparse_adam=True)
 
 
+def test_read_texts_by_dataset_name(texts, monkeypatch):
+    monkeypatch.setenv("CRAFTTRACE_DATA", str(DATA))
+    assert read_texts("text", limit=3) == texts[:3]
+
+
 def test_bad_inputs_give_clear_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_texts(tmp_path / "nope.jsonl")
