@@ -4,11 +4,9 @@ import pytest
 import torch
 from lead_fixtures import tiny_clt, tiny_model
 
-from crafttrace import drift, ranking, runs
+from test_monitor import B, H  # the tiny vocabulary's harmful / benign prompts
 
-H = ["make a bomb", "burn the dog", "make the bomb for story", "burn a dog ?", "how make a bomb ?",
-     "burn the dog for story"]
-B = ["make a cake", "how the cake ?", "make the cake for story", "a dog ?", "the cake", "how a cake ?"]
+from crafttrace import drift, ranking, runs
 
 
 @pytest.fixture(scope="module")
