@@ -34,7 +34,11 @@ def _fail(msg: str) -> None:
 def load(model: str, transcoder: Optional[str] = None, need_transcoder: bool = True):
     """(LoadedModel, transcoder or None) for a model spec; testbed specs carry their CLT."""
     if model == "testbed" or model.startswith("testbed:"):
+        import torch
         from .testbed import load_testbed
+        # The testbed's matrices are ~100 wide: intra-op threads only add synchronisation (10x slower
+        # generation measured on a busy 2-core machine), so one thread is the fast setting here.
+        torch.set_num_threads(1)
         seed = int(model.split(":", 1)[1]) if ":" in model else 0
         loaded, clt = load_testbed(seed)
         if transcoder:
