@@ -450,7 +450,7 @@ def example_graphs(out: Path = typer.Option(Path("graphs"), "--out", "-o"), n: i
         slug = f"testbed_boundary_{k}"
         paths = export_graph(run / "effects" / e.meta["graph"], out, slug, features=[top], tokenizer=loaded.tokenizer)
         html = write_view(paths["frontend"], out / f"{slug}.html", [top], title=p)
-        index.append({"slug": slug, "prompt": p, "logit_diff": e.logit_diff, "crafted_feature": list(top),
+        index.append({"slug": slug, "prompt": p, "logit_diff": e.logit_diff, "craft_feature": list(top),
                       "files": sorted(str(Path(v).name) for v in list(paths.values()) + [html])})
     runs.write_json(out / "index.json", {"command": f"crafttrace example-graphs --out {out} --n {n} --seed {seed}",
                                          "feature": list(top), "graphs": index})
