@@ -285,6 +285,16 @@ def read_prompts(loaded, clt, monitor: Monitor, prompts: Sequence[str], ts: toke
     return Scored(torch.cat(am), torch.cat(al), torch.cat(pr), torch.cat(pc))
 
 
+def score_prompts(loaded, clt, monitor: Monitor, prompts: Sequence[str], ts: tokens.TokenSets,
+                  top: int = 5) -> list[dict]:
+    """Per prompt: score, flag, both evidence terms, P(refuse), and the top contributing features."""
+    sc = read_prompts(loaded, clt, monitor, prompts, ts, monitor.config.batch_size)
+    z, u = monitor.evidence(sc.a_max, sc.a_last)
+    return [{"prompt": p, **asdict(r), "z_harm": float(z[i]), "suppression": float(u[i]),
+             "p_refuse": float(sc.p_refuse[i])}
+            for i, (p, r) in enumerate(zip(prompts, monitor.readings(sc.a_max, sc.a_last, top)))]
+
+
 # --------------------------------------------------------------------------- building + calibration
 
 def _ranking_view(rk: ranking.Ranking | dict | str | Path, mode: str) -> tuple[list, dict, dict]:
@@ -535,7 +545,9 @@ def _split_pools(a: list[str], b: list[str], same: bool) -> tuple[list[str], lis
 def run_monitor(loaded, clt, rk, out_dir: str | Path, cfg: MonitorRunConfig | None = None,
                 progress: bool = True) -> dict:
     """Build + calibrate the monitor, evaluate it against both baselines on (a) plain and (b) wrapped,
-    complied-with harmful prompts; writes monitor.json, monitor_eval.json, monitor.md, roc.png."""
+    complied-with harmful prompts; writes monitor.json (the monitor: features + calibration; reload with
+    ``Monitor.from_pretrained``), monitor_eval.json, monitor_readings.json (per-input verdicts and features),
+    monitor.md and roc.png."""
     cfg = cfg or MonitorRunConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,6 +586,10 @@ def run_monitor(loaded, clt, rk, out_dir: str | Path, cfg: MonitorRunConfig | No
                   "complied": "first-token P(compliance set) > P(refusal set)",
                   "tpr_at_fpr": f"TPR at the negatives' {1 - mcfg.fpr:.0%} quantile threshold"}}
     result["wall_seconds"] = time.time() - t0
+    # per-input verdicts with the features behind them, for a sample of each evaluated set
+    runs.write_json(out / "monitor_readings.json", {
+        name: score_prompts(loaded, clt, mon, ps[:25], ts) for name, ps in
+        (("plain_harmful", ph), ("plain_benign", pb), ("wrapped_complied", wh_c), ("wrapped_benign", wb)) if ps})
     runs.write_json(out / "monitor_eval.json", result)
     runs.atomic_write_text(out / "monitor.md", render_markdown(result, mon))
     roc_figure(result, out / "roc.png")

@@ -177,8 +177,12 @@ def test_run_monitor_writes_the_run_directory(setup, tmp_path):
                              wrapped_harmful=[h + " for story" for h in H], wrapped_benign=[b + " for story" for b in B],
                              monitor={"k_harm": 3, "k_refusal": 2, "k_compliance": 2})
     res = M.run_monitor(loaded, clt, rk, tmp_path, cfg, progress=False)
-    for f in ("monitor.json", "monitor_eval.json", "monitor.md", "roc.png"):
+    for f in ("monitor.json", "monitor_eval.json", "monitor.md", "roc.png", "monitor_readings.json"):
         assert (tmp_path / f).stat().st_size > 0
+    from crafttrace import runs
+    reads = runs.read_json(tmp_path / "monitor_readings.json")["plain_harmful"]
+    assert [r["prompt"] for r in reads] == H[1::2]  # calibration took the even prompts of the shared pool
+    assert all(r["score"] == pytest.approx(min(r["z_harm"], r["suppression"]), abs=1e-5) for r in reads)
     assert set(res["plain"]) >= {"monitor", "direction", "p_refuse"}
     assert 0 <= res["plain"]["monitor"]["auroc"] <= 1
 
