@@ -158,6 +158,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 def last_logits(loaded, prompts: Sequence[str], batch_size: int = 16, desc: str = "forward",
                 progress: bool = True) -> torch.Tensor:
     """[N, V] next-token logits at the first response position for each prompt."""
+    if not prompts:
+        raise ValueError(f"no prompts given ({desc})")
     model = loaded.model
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
@@ -298,6 +300,8 @@ def collect_resid(loaded, prompts: Sequence[str], n_pos: int, batch_size: int = 
                   desc: str = "activations") -> torch.Tensor:
     """[N, L + 1, n_pos, d] residual stream at the input of every layer and (index L) the final
     residual stream before the last norm, last ``n_pos`` positions."""
+    if not prompts:
+        raise ValueError(f"no prompts given ({desc})")
     model = loaded.model
     L = n_layers(model)
     chunks = []

@@ -386,3 +386,10 @@ def test_testbed_direction_interventions(testbed, testbed_direction):
     # greedy openers ("sorry" = refusal), measured: harmful 0.92 -> 0.33 ablated, benign 0.0 -> 0.75 added
     assert hb["generation_refusal_rate"] >= 0.8 and bb["generation_refusal_rate"] <= 0.1
     assert ba["generation_refusal_rate"] >= 0.5 and ha["generation_refusal_rate"] <= 0.6
+
+
+def test_empty_prompt_lists_are_named(tiny):
+    with pytest.raises(ValueError, match=r"no prompts given \(harmful\)"):
+        D.last_logits(tiny, [], desc="harmful")
+    with pytest.raises(ValueError, match="no prompts given"):
+        D.collect_resid(tiny, [], n_pos=2)
