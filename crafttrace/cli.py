@@ -330,7 +330,12 @@ def direction(model: str = MODEL, harmful: str = "testbed:harmful_train", benign
     from .tokens import resolve
     loaded, _ = load(model, None, need_transcoder=False)
     h, b = _pools(harmful, benign, limit)
-    d = find_direction(loaded, h, b, resolve(loaded.tokenizer, token_set), DirectionConfig(**_config(config)),
+    cfg = _config(config)
+    if model == "testbed" or model.startswith("testbed:"):
+        # A 3-layer model's refusal direction moves benign next-token KL past Arditi's 0.1 limit (0.66
+        # measured on seed 0); the testbed keeps the filter but at 1.0.
+        cfg.setdefault("max_kl", 1.0)
+    d = find_direction(loaded, h, b, resolve(loaded.tokenizer, token_set), DirectionConfig(**cfg),
                        out_dir=out / "direction")
     typer.echo(f"selected layer {d.layer}, position {d.position}; wrote {out / 'direction'}")
 
