@@ -46,6 +46,17 @@ def load(model: str, transcoder: Optional[str] = None, need_transcoder: bool = T
             clt = load_transcoder(transcoder)
             validate_transcoder(clt, loaded.model)
         return loaded, clt
+    if model.startswith("smollm2-safety"):
+        # The safety-tuned real-language testbed (issue 4): "smollm2-safety[:SIZE]", brings its own CLT.
+        from .realbed import load_realbed
+        size = model.split(":", 1)[1] if ":" in model else "default"
+        loaded, clt = load_realbed(size=size, build_if_missing=False)
+        if transcoder:
+            from .transcoders import load_transcoder
+            clt = load_transcoder(transcoder)
+        from .transcoders import validate_transcoder
+        validate_transcoder(clt, loaded.model)
+        return loaded, clt
     from .models import load_model
     loaded = load_model(model)
     if transcoder is None:
@@ -472,11 +483,23 @@ def data_list():
 
 
 @testbed_app.command("build")
-def testbed_build(seed: int = 0, out: Optional[Path] = typer.Option(None, help="default: the testbed cache")):
-    """Rebuild the synthetic testbed (model + CLT) deterministically from a seed."""
-    from .testbed import build_testbed
-    path = build_testbed(seed, out)
-    typer.echo(f"testbed seed {seed} written to {path}")
+def testbed_build(name: str = typer.Argument("synthetic", help="synthetic | smollm2-safety"), seed: int = 0,
+                  size: str = typer.Option("default", help="smollm2-safety: tiny | small | default"),
+                  time_budget_s: Optional[float] = typer.Option(None, help="smollm2-safety: stop after this many "
+                                                                 "seconds; rerun to continue"),
+                  out: Optional[Path] = typer.Option(None, help="default: the testbed cache")):
+    """Build a testbed: the synthetic one (deterministic from a seed) or the safety-tuned SmolLM2 (staged,
+    cached: a rerun skips finished stages)."""
+    if name == "synthetic":
+        from .testbed import build_testbed, default_dir
+        path = build_testbed(seed, out or default_dir(seed))
+        typer.echo(f"testbed seed {seed} written to {path}")
+    elif name == "smollm2-safety":
+        from .realbed import build_realbed
+        bed = build_realbed(out, size=size, seed=seed, time_budget_s=time_budget_s)
+        typer.echo(f"smollm2-safety ({size}, seed {seed}): done stages {list(bed.done)}; finished={bed.finished}")
+    else:
+        _fail(f"unknown testbed {name!r}; choose synthetic or smollm2-safety")
 
 
 def main():  # pragma: no cover
