@@ -237,7 +237,7 @@ def evaluate(responses: Optional[Path] = typer.Option(None, help="JSONL with 'pr
     """Validate the refusal detector on the human-labelled set; score a responses file if given."""
     from . import evaluation, runs
     rep = evaluation.validate_detector()
-    doc = {"detector_validation": rep.__dict__ if hasattr(rep, "__dict__") else rep}
+    doc = {"detector_validation": rep.summary()}
     typer.echo(f"refusal detector on human labels: {json.dumps(doc['detector_validation'], default=str)}")
     if responses is not None:
         from .data import load_dataset
