@@ -205,7 +205,7 @@ def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str
     if not prompts:
         raise SafetyTuningError("distill got no prompts")
     path = Path(run_dir) / DISTILL_FILE
-    meta = {"max_new_tokens": cfg.distill_max_new_tokens, "n": len(prompts)}
+    meta = {"max_new_tokens": cfg.distill_max_new_tokens}  # a run with more prompts reuses a shorter run's prefix
     if path.exists():
         recs = read_records(path)
         if [r["prompt"] for r in recs] == prompts and all(r.get("meta") == meta for r in recs):
