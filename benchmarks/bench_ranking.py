@@ -28,9 +28,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     loaded, clt = load(args.model, args.transcoder)
-    from crafttrace.ablation import _pool
+    from crafttrace.ablation import pool_records
     ts = tokens.resolve(loaded.tokenizer, args.set)
-    recs = _pool(args.pool, 0)
+    recs = pool_records(args.pool, 0)
     (scores,) = boundary.score_pool(loaded, [r["prompt"] for r in recs], [ts], progress=False)
     sel = boundary.select(scores, ts.name, top_k=args.n)
     ids = [loaded.encode_prompt(p)[0] for p in sel.prompts]

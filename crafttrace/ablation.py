@@ -112,7 +112,7 @@ class TextScorer:
                 "specificity": spec}
 
 
-def _score_all(scorer, records, responses) -> dict:
+def score_all(scorer, records, responses) -> dict:
     s = [scorer.score(r, resp) for r, resp in zip(records, responses)]
     n = len(s)
     success = [(not x["refused"]) and (not x["degenerate"]) and x["on_topic"] for x in s]
@@ -150,7 +150,7 @@ class MMLUCapability:
 
 # --------------------------------------------------------------------------- the run
 
-def _pool(name: str, seed: int) -> list[dict]:
+def pool_records(name: str, seed: int) -> list[dict]:
     from . import data
     recs = data.load_dataset(name) if not name.startswith("testbed:") else None
     if recs is None:
@@ -161,7 +161,7 @@ def _pool(name: str, seed: int) -> list[dict]:
     return recs
 
 
-def _sample(recs: list[dict], n: int, rng: random.Random) -> list[dict]:
+def sample_records(recs: list[dict], n: int, rng: random.Random) -> list[dict]:
     return recs if len(recs) <= n else rng.sample(recs, n)
 
 
@@ -180,7 +180,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     n_prompt = lambda recs: [loaded.encode_prompt(r["prompt"])[0] for r in recs]  # noqa: E731
 
     # 2. boundary-critical prompts, split into a ranking half and an evaluation half
-    bpool = _pool(cfg.boundary_pool, cfg.seed)
+    bpool = pool_records(cfg.boundary_pool, cfg.seed)
     (scores,) = boundary.score_pool(loaded, [r["prompt"] for r in bpool], [ts], progress=progress)
     bres = boundary.select(scores, ts.name, top_k=cfg.n_boundary, min_refuse=cfg.min_refuse,
                            min_comply=cfg.min_comply)
@@ -195,9 +195,9 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     runs.write_json(out / "boundary.json", bjson)
     rank_recs = [bpool[i] for i in rank_idx]
     eval_recs = [bpool[i] for i in eval_idx]
-    plain_recs = _sample(_pool(cfg.plain_pool, cfg.seed), cfg.n_plain, rng)
-    harm_recs = _sample(_pool(cfg.harmful_pool, cfg.seed), cfg.n_cross, rng)
-    ben_recs = _sample(_pool(cfg.benign_pool, cfg.seed), cfg.n_cross, rng)
+    plain_recs = sample_records(pool_records(cfg.plain_pool, cfg.seed), cfg.n_plain, rng)
+    harm_recs = sample_records(pool_records(cfg.harmful_pool, cfg.seed), cfg.n_cross, rng)
+    ben_recs = sample_records(pool_records(cfg.benign_pool, cfg.seed), cfg.n_cross, rng)
 
     # 3. activations and effects
     ids = {k: n_prompt(v) for k, v in (("rank", rank_recs), ("eval", eval_recs), ("plain", plain_recs),
@@ -237,7 +237,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
             cc = cap.correct(loaded) if specs else base_cap
         p, lost, gained = mcnemar_exact(base_cap, cc)
         acc = sum(cc) / len(cc)
-        return {"boundary": _score_all(scorer, eval_recs, rb), "plain": _score_all(scorer, plain_recs, rp),
+        return {"boundary": score_all(scorer, eval_recs, rb), "plain": score_all(scorer, plain_recs, rp),
                 "capability": {"accuracy": acc, "accuracy_ci": wilson(sum(cc), len(cc)), "mcnemar_p": p,
                                "lost": lost, "gained": gained,
                                "preserved": acc >= sum(base_cap) / len(base_cap) or p > 0.05}}

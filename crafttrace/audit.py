@@ -104,7 +104,7 @@ def run_audit(loaded, clt, rk, out_dir: str | Path, cfg: AuditConfig | None = No
     scorer = scorer or (ablation.TextScorer() if text else ablation.TestbedScorer())
     capability = capability or (ablation.MMLUCapability(cfg.n_capability) if text
                                 else ablation.TestbedCapability(cfg.n_capability))
-    recs = ablation._sample(ablation._pool(cfg.eval_pool, cfg.seed), cfg.n_eval, random.Random(cfg.seed))
+    recs = ablation.sample_records(ablation.pool_records(cfg.eval_pool, cfg.seed), cfg.n_eval, random.Random(cfg.seed))
     prompts = [r["prompt"] for r in recs]
     plan = steer_plan(rk, cfg)
 
@@ -117,7 +117,7 @@ def run_audit(loaded, clt, rk, out_dir: str | Path, cfg: AuditConfig | None = No
             cc = capability.correct(loaded) if specs else base_cap
         p, lost, gained = ablation.mcnemar_exact(base_cap, cc)
         acc = sum(cc) / len(cc)
-        s = ablation._score_all(scorer, recs, resp)
+        s = ablation.score_all(scorer, recs, resp)
         return {"asr": s["asr"], "asr_ci": s["asr_ci"], "refusal_rate": s["refusal_rate"],
                 "degeneration": s["degeneration"], "specificity": s["specificity"],
                 "capability": {"accuracy": acc, "delta": acc - base_acc, "mcnemar_p": p, "lost": lost,

@@ -111,10 +111,10 @@ def boundary_cmd(model: str = MODEL, pool: str = typer.Option("testbed:framed_ha
                  limit: Optional[int] = typer.Option(None, help="score only the first N prompts"), out: Path = OUT):
     """Score a harmful pool and select boundary-critical prompts (per token set, with overlaps)."""
     from . import boundary, runs
-    from .ablation import _pool
+    from .ablation import pool_records
     from .tokens import resolve
     loaded, _ = load(model, None, need_transcoder=False)
-    recs = _pool(pool, 0)[:limit]
+    recs = pool_records(pool, 0)[:limit]
     tss = [resolve(loaded.tokenizer, s) for s in sets.split(",")]
     scored = boundary.score_pool(loaded, [r["prompt"] for r in recs], tss)
     results = {}
@@ -445,14 +445,14 @@ def example_graphs(out: Path = typer.Option(Path("graphs"), "--out", "-o"), n: i
     """Regenerate graphs/: the testbed's top-N boundary prompts, attributed, exported (JSON, GraphML,
     refusal subgraph) and rendered as offline HTML views with the CRaFT feature highlighted."""
     from . import attribution, boundary, runs
-    from .ablation import _pool
+    from .ablation import pool_records
     from .export import export_graph
     from .ranking import effects_matrix
     from .tokens import resolve
     from .viewer import write_view
     loaded, clt = load(f"testbed:{seed}")
     ts = resolve(loaded.tokenizer, "testbed")
-    recs = _pool("testbed:framed_harmful", seed)
+    recs = pool_records("testbed:framed_harmful", seed)
     (sc,) = boundary.score_pool(loaded, [r["prompt"] for r in recs], [ts])
     sel = boundary.select(sc, ts.name, top_k=n)
     ids = [loaded.encode_prompt(p)[0] for p in sel.prompts]

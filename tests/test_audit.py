@@ -76,7 +76,7 @@ def test_steer_plan_signs(tiny):
 def test_audit_sweep_on_tiny_model(tiny, tmp_path, monkeypatch):
     loaded, clt, rk = tiny
     recs = [{"prompt": p} for p in PROMPTS]
-    monkeypatch.setattr(ablation, "_pool", lambda name, seed: recs)
+    monkeypatch.setattr(ablation, "pool_records", lambda name, seed: recs)
     base = dict(zip(PROMPTS, ablation.generate(loaded, PROMPTS, 6)))
     cfg = audit.AuditConfig(top_k=3, strengths=(1.0, 64.0), max_new_tokens=6, asr_threshold=0.3)
     res = audit.run_audit(loaded, clt, rk, tmp_path, cfg, scorer=FirstWordScorer(base),
