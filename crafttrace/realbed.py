@@ -110,8 +110,8 @@ class RealbedConfig:
                        n_graph_prompts=1, graph_max_feature_nodes=64)
         if size == "small":
             return cls(base=base, size=size, seed=seed,
-                       safety=SafetyConfig(n_harmful_train=160, n_benign_train=160, distill_max_new_tokens=32,
-                                           lr=2e-3, seed=seed),
+                       safety=SafetyConfig(n_harmful_train=160, n_benign_train=320, distill_max_new_tokens=32,
+                                           lr=1e-3, seed=seed),
                        clt=CLTTrainConfig(d_transcoder=256, total_tokens=131_072, batch_tokens=1024,
                                           chunk_tokens=16384, eval_tokens=4096, checkpoint_every=32, seed=seed),
                        n_corpus_texts=500,
