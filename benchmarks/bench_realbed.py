@@ -79,7 +79,11 @@ def collect(bed: realbed.Realbed) -> dict:
 
 
 def _f(v, fmt=".3f"):
-    return "-" if v is None else format(v, fmt) if isinstance(v, (int, float)) else str(v)
+    if v is None:
+        return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return format(v, fmt) if isinstance(v, float) else str(v)
 
 
 def render(result: dict) -> str:

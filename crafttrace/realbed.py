@@ -87,6 +87,9 @@ class RealbedConfig:
     n_graph_prompts: int = 4            # boundary prompts attributed for replacement/completeness scores
     graph_token_set: str = "extended"
     graph_max_feature_nodes: int = 256
+    # circuit-tracer contracts [batch, n_active, d_model] gradients per batch: with ~45k active features on a
+    # 30-layer prompt its default 256 asks for 26 GB; 16 fits in ~1.7 GB
+    graph_batch_size: int = 16
     sft_slice_steps: int = 16           # time-budget granularity (steps per train_safety call)
     clt_slice_chunks: int = 2           # time-budget granularity (activation chunks per train_clt call)
     ablation: dict = field(default_factory=dict)   # AblationConfig overrides for the opt-in stage
@@ -211,7 +214,7 @@ def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))
     k["clt"] = h("clt", k["sft"], cfg.clt.to_dict(), cfg.n_corpus_texts, cfg.corpus)
     k["graphs"] = h("graphs", k["clt"], cfg.n_graph_prompts, cfg.graph_token_set, cfg.graph_max_feature_nodes,
-                    cfg.measure.boundary_pool)
+                    cfg.graph_batch_size, cfg.measure.boundary_pool)
     k["ablation"] = h("ablation", k["clt"], cfg.ablation)
     return k
 
@@ -424,7 +427,8 @@ def _run_graphs(ctx: _Context, budget: _Budget) -> dict | None:
     # the prompts nearest the boundary (largest min(P_refuse, P_comply)), whether or not they pass the thresholds
     chosen = sorted(scores, key=lambda s: -s.margin)[:cfg.n_graph_prompts]
     ids = [loaded.encode_prompt(s.prompt)[0] for s in chosen]
-    settings = attribution.AttributionSettings(max_feature_nodes=cfg.graph_max_feature_nodes)
+    settings = attribution.AttributionSettings(max_feature_nodes=cfg.graph_max_feature_nodes,
+                                               batch_size=cfg.graph_batch_size)
     effects = attribution.attribute_graphs(loaded, clt, ids, ts, settings, ctx.out / "graphs",
                                            cache_key=runs.content_hash("realbed", _stage_keys(cfg)["clt"]),
                                            progress=ctx.progress)
