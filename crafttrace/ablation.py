@@ -53,6 +53,7 @@ class AblationConfig:
     influence_score: str = "total"
     min_active_frac: float = 0.25
     max_feature_nodes: int = 512
+    attribution_batch_size: int = 256   # circuit-tracer backward batch; 256 needs ~26 GB on SmolLM2, use 16 there
     seed: int = 0
     batch_size: int = 64
 
@@ -203,7 +204,8 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     ids = {k: n_prompt(v) for k, v in (("rank", rank_recs), ("eval", eval_recs), ("plain", plain_recs),
                                         ("harm", harm_recs), ("ben", ben_recs))}
     act = {k: ranking.max_activations(loaded, clt, v, progress=progress) for k, v in ids.items()}
-    settings = attribution.AttributionSettings(max_feature_nodes=cfg.max_feature_nodes)
+    settings = attribution.AttributionSettings(max_feature_nodes=cfg.max_feature_nodes,
+                                               batch_size=cfg.attribution_batch_size)
     t_attr = time.time()
     eff = {}
     for k in ("rank", "harm", "ben"):

@@ -211,6 +211,7 @@ def _run_ablation(model, transcoder, config, out, rank_only=False, influence_pat
     if not (model == "testbed" or model.startswith("testbed:")):
         d.setdefault("capability", "mmlu")
         d.setdefault("token_set", "extended")
+        d.setdefault("attribution_batch_size", 16)  # real models: bounded memory for circuit-tracer's backward
     cfg = AblationConfig.from_dict(d)
     loaded, clt = load(model, transcoder)
     res = run_ablation(loaded, clt, cfg, out, cache_key=f"{model}|{transcoder}", rank_only=rank_only)
@@ -387,7 +388,8 @@ def compare(base: str = typer.Option(..., help="base model spec"), tuned: str = 
 def _rank_for(model, transcoder, out):
     """A Ranking for monitor/audit/drift: runs the ranking stage into OUT (cached effects make reruns cheap)."""
     from .ablation import AblationConfig, run_ablation
-    d = {} if (model == "testbed" or model.startswith("testbed:")) else {"capability": "mmlu", "token_set": "extended"}
+    d = {} if (model == "testbed" or model.startswith("testbed:")) else {"capability": "mmlu", "token_set": "extended",
+                                                                         "attribution_batch_size": 16}
     loaded, clt = load(model, transcoder)
     res = run_ablation(loaded, clt, AblationConfig.from_dict(d), out, cache_key=f"{model}|{transcoder}",
                        rank_only=True)
