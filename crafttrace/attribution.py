@@ -168,8 +168,7 @@ def attribute_graphs(loaded, clt, input_ids_list: list[torch.Tensor], ts: TokenS
             continue
         if rm is None:
             rm = replacement_model(loaded, clt)
-        logit_diff = _logit_diff(loaded.model, ids, tgt[0].vec)
-        n_active = _count_active(loaded.model, clt, ids)
+        logit_diff, n_active = _prompt_stats(loaded.model, clt, ids, tgt[0].vec)
         meta = {"key": key, "n_tokens": len(ids), "n_active": n_active}
         if n_active == 0:
             # circuit-tracer 0.5.0 crashes on a prompt with no active feature; the record is simply empty.
@@ -190,22 +189,14 @@ def attribute_graphs(loaded, clt, input_ids_list: list[torch.Tensor], ts: TokenS
 
 
 @torch.no_grad()
-def _logit_diff(model, ids: torch.Tensor, vec: torch.Tensor) -> float:
-    out = model(ids[None].to(model.device), output_hidden_states=True)
-    h = out.hidden_states[-1][0, -1].float()  # already final-normed in HF Llama/Gemma
-    return float(h @ vec.to(h.device))
-
-
-@torch.no_grad()
-def _count_active(model, clt, ids: torch.Tensor) -> int:
+def _prompt_stats(model, clt, ids: torch.Tensor, vec: torch.Tensor) -> tuple[float, int]:
+    """(refuse-minus-comply logit difference, number of active features), from one forward pass."""
     from .hooks import capture
     with capture(model, clt.feature_input_hook, list(range(clt.n_layers))) as store:
-        model(ids[None].to(model.device))
-    n = 0
-    for layer in range(clt.n_layers):
-        acts = clt.encode_layer(store[layer][0, 1:].to(clt.dtype), layer)
-        n += int((acts > 0).sum())
-    return n
+        out = model(ids[None].to(model.device), output_hidden_states=True)
+    h = out.hidden_states[-1][0, -1].float()  # already final-normed in HF Llama/Gemma
+    n = sum(int((clt.encode_layer(store[layer][0, 1:].to(clt.dtype), layer) > 0).sum()) for layer in range(clt.n_layers))
+    return float(h @ vec.to(h.device)), n
 
 
 # --------------------------------------------------------------------------- fast gradient path

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from circuit_tracer.utils.tl_nnsight_mapping import get_mapping
-from crafttrace.hooks import _resolve_path, architecture
+from crafttrace.hooks import _resolve_path, architecture, edit_module
 from crafttrace.runs import content_hash, read_json, write_json, write_tensors
 
 # ---------------------------------------------------------------------------------------------
@@ -226,23 +226,8 @@ def edit_site(model: torch.nn.Module, site: str, layer: int,
     """Replace the site's tensor [B, T, d] with ``fn(tensor)`` during forwards inside the block.
     The hook is removed on exit, also when the block raises."""
     module, io = site_module(model, site, layer)
-    if io == "input":
-        def pre(mod, args, kwargs):
-            if args:
-                return (fn(args[0]),) + tuple(args[1:]), kwargs
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            return args, {**kwargs, key: fn(kwargs[key])}
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-        def post(mod, args, out):
-            if isinstance(out, tuple):
-                return (fn(out[0]),) + tuple(out[1:])
-            return fn(out)
-        handle = module.register_forward_hook(post)
-    try:
+    with edit_module(module, io, fn):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager

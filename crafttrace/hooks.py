@@ -59,6 +59,44 @@ def resolve_hook(model: torch.nn.Module, hook_name: str, layer: int) -> tuple[to
     return _resolve_path(model, pattern.format(layer=layer)), io
 
 
+def read_tensor(module: torch.nn.Module, io: IO, fn: Callable[[torch.Tensor], None]):
+    """Call ``fn`` on a module's first input or output tensor at every forward; returns the hook handle.
+
+    The one place that knows how to reach the tensor of an input (positional or keyword) or output
+    (plain or tuple) hook point; capture, steering and the monitor all read through it.
+    """
+    if io == "input":
+        def pre(mod, args, kwargs):
+            fn(args[0] if args else next(iter(kwargs.values())))
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(mod, args, out):
+        fn(out[0] if isinstance(out, tuple) else out)
+    return module.register_forward_hook(post)
+
+
+@contextmanager
+def edit_module(module: torch.nn.Module, io: IO, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace a module's first input or output tensor with ``fn(tensor)``; removed on exit, even on error."""
+    if io == "input":
+        def pre(mod, args, kwargs):
+            if args:
+                return (fn(args[0]),) + tuple(args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, key: fn(kwargs[key])}
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(mod, args, out):
+            if isinstance(out, tuple):
+                return (fn(out[0]),) + tuple(out[1:])
+            return fn(out)
+        handle = module.register_forward_hook(post)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def capture(model: torch.nn.Module, hook_name: str, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the tensor at ``hook_name`` for each layer during forwards inside the block."""
@@ -67,15 +105,7 @@ def capture(model: torch.nn.Module, hook_name: str, layers: list[int]) -> Iterat
     try:
         for layer in layers:
             module, io = resolve_hook(model, hook_name, layer)
-            if io == "input":
-                def pre(mod, args, kwargs, layer=layer):
-                    x = args[0] if args else next(iter(kwargs.values()))
-                    store[layer] = x.detach()
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(mod, args, out, layer=layer):
-                    store[layer] = (out[0] if isinstance(out, tuple) else out).detach()
-                handles.append(module.register_forward_hook(post))
+            handles.append(read_tensor(module, io, lambda x, layer=layer: store.__setitem__(layer, x.detach())))
         yield store
     finally:
         for h in handles:
@@ -89,14 +119,5 @@ def edit_output(model: torch.nn.Module, hook_name: str, layer: int,
     module, io = resolve_hook(model, hook_name, layer)
     if io != "output":
         raise ValueError(f"{hook_name} is an input hook point; edit_output needs an output point")
-
-    def post(mod, args, out):
-        if isinstance(out, tuple):
-            return (fn(out[0]),) + tuple(out[1:])
-        return fn(out)
-
-    handle = module.register_forward_hook(post)
-    try:
+    with edit_module(module, io, fn):
         yield
-    finally:
-        handle.remove()

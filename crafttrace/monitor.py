@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import direction, ranking, runs, tokens
-from .hooks import resolve_hook
+from .hooks import read_tensor, resolve_hook
 # Steering's reader computes only the selected encoder rows (n dot products per token, JumpReLU /
 # ReLU / TopK handled) and its keep-mask drops padding and the attention-sink position exactly as
 # steering does; reusing both keeps the monitor's view of a feature identical to the steerer's.
@@ -239,14 +239,7 @@ def watch(model: torch.nn.Module, clt, monitor: Monitor) -> Iterator[MonitorTrac
         handles.append(model.register_forward_pre_hook(on_forward, with_kwargs=True))
         for l in readers:
             module, io = resolve_hook(model, monitor.hook_name, l)
-            if io == "input":
-                def pre(mod, args, kwargs, l=l):
-                    read(l, args[0] if args else next(iter(kwargs.values())))
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(mod, args, out, l=l):
-                    read(l, out[0] if isinstance(out, tuple) else out)
-                handles.append(module.register_forward_hook(post))
+            handles.append(read_tensor(module, io, lambda x, l=l: read(l, x)))
         yield trace
     finally:
         for h in handles:

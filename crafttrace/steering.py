@@ -28,7 +28,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from circuit_tracer.transcoder.activation_functions import JumpReLU
 
-from crafttrace.hooks import capture, resolve_hook
+from crafttrace.hooks import capture, read_tensor, resolve_hook
 
 Mode = Literal["clamp", "scale"]
 
@@ -235,14 +235,7 @@ def steer(model: torch.nn.Module, transcoder, specs: Sequence[FeatureSteer]) -> 
         stack.callback(lambda: [h.remove() for h in handles])
         for l in readers:
             module, io = resolve_hook(model, transcoder.feature_input_hook, l)
-            if io == "input":
-                def pre(mod, args, kwargs, l=l):
-                    read(l, args[0] if args else next(iter(kwargs.values())))
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post_in(mod, args, out, l=l):
-                    read(l, out[0] if isinstance(out, tuple) else out)
-                handles.append(module.register_forward_hook(post_in))
+            handles.append(read_tensor(module, io, lambda x, l=l: read(l, x)))
         for k in sorted(writes):
             module, io = resolve_hook(model, transcoder.feature_output_hook, k)
             if io != "output":
