@@ -399,7 +399,7 @@ def _rank_for(model, transcoder, out):
 @app.command()
 def monitor(model: str = MODEL, transcoder: Optional[str] = TRANSCODER, config: Optional[Path] = typer.Option(None),
             out: Path = OUT):
-    """Refusal-circuit monitor: flags inputs where harm is detected but refusal is suppressed."""
+    """Refusal-circuit monitor: scores how strongly the refusal circuit treats an input as harmful."""
     from .monitor import MonitorRunConfig, run_monitor
     loaded, clt, rk = _rank_for(model, transcoder, out)
     res = run_monitor(loaded, clt, rk, out / "monitor", MonitorRunConfig.from_dict(_config(config)))

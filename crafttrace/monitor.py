@@ -1,5 +1,7 @@
 """Refusal-circuit monitor: read the decision-relevant CLT features during a normal forward pass and
-flag the jailbreak signature, *harm detected but the refusal pathway suppressed*.
+score how strongly the refusal circuit treats the input as a harmful request. An input the model
+complies with but the circuit scores high is the jailbreak signature: harm recognised, refusal not
+carried through.
 
 Three feature groups, chosen once from a ranking (``ranking.json`` or a :class:`ranking.Ranking`) and
 a small calibration set of harmful and benign prompts:
@@ -17,17 +19,29 @@ read-only forward hooks, nothing is written back):
 
     harm(x)   = mean_i in harm  a_i(x) / typical_i               a = max over positions (position 0 excluded)
     drive(x)  = sum_i in decision  (effect_i / typical_i) a_i(x)   a = activation at the last position
-    z_harm    = (harm - mean_benign) / std_benign                 harm recognised?
-    supp      = (alpha + beta harm - drive) / std_resid           refusal drive below what that harm predicts?
-    score(x)  = min(z_harm, supp)                                 both at once: the jailbreak signature
+    score(x)  = (w_h harm + w_d drive - m) / s                    the circuit's harmful-request evidence
+    z_harm    = (harm - mean_benign) / std_benign                 component: harm recognised?
+    supp      = (alpha + beta harm - drive) / std_resid           component: drive below what harm predicts?
 
 ``drive`` is the linearised contribution of the decision features to the refusal-minus-compliance
-logit difference (signed total effect per unit of activation, times activation). ``alpha, beta`` are a
-least-squares fit of drive on harm over the calibration prompts (harmful and benign, where the model
-behaves as trained), so ``supp`` measures suppression *relative to the harm seen*: a refused harmful
-prompt has high ``z_harm`` but ``supp`` near 0, a benign prompt has low ``z_harm``; only an input with
-both is scored high. ``flagged`` = score above the benign calibration quantile at ``1 - fpr``; ``z_harm``
-alone is the monitor's harmful-request detector.
+logit difference (signed total effect per unit of activation, times activation), so it carries what
+the model's P(refuse) carries, read from the circuit. ``(w_h, w_d)`` is Fisher's linear discriminant of
+harmful vs benign calibration prompts on ``(harm, drive)`` (pooled within-class covariance); ``m, s``
+standardise it on the benign calibration prompts, so the score is in benign standard deviations.
+Why both terms: a framing ("for a story") that makes the model comply lowers the refusal drive but
+leaves some of it, and leaves harm recognition mostly intact; on the seed-0 testbed's complied-with
+framed prompts each term alone separates less well than the two together (AUROC 0.983 and 0.990 vs
+0.998; ``benchmarks/results/bench_monitor.md``). The score is only as good as the drive's features:
+where the ranking's decision features do not follow the decision on framed prompts (testbed seeds 1
+and 2), the score is about harm evidence alone. ``flagged`` = score above the benign calibration
+quantile at ``1 - fpr``; framing shifts benign prompts too, so on framed inputs the false-positive
+rate at that threshold can exceed ``fpr``.
+
+The components explain a verdict: ``z_harm`` is harm evidence alone; ``supp`` (``alpha, beta`` a
+least-squares fit of drive on harm over the calibration prompts) is how far the refusal drive falls
+short of what that harm predicts, i.e. why a recognised harmful request was complied with. An
+earlier score, ``min(z_harm, supp)``, required both at once; measured on the testbed it fell to AUROC
+0.725 on complied-with framed prompts because framing lowers the drive of benign requests too.
 
 The two baselines reported beside it are the refusal-direction projection (difference of means,
 ``crafttrace.direction``) and the model's own first-token P(refuse). Jailbreak rewrites for real
@@ -139,22 +153,32 @@ class Monitor:
         drive = (a_last * w * ~is_harm).sum(-1)
         return harm, drive
 
-    def evidence(self, a_max: torch.Tensor, a_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z_harm [B], suppression [B]): both standardised with the calibration statistics."""
+    def _calibration(self) -> dict:
         c = self.calibration
         if not c:
             raise ValueError("monitor is not calibrated: call calibrate() (or build_monitor with calibration prompts)")
+        if "w_harm" not in c:
+            raise ValueError("monitor calibration predates the discriminant score (no 'w_harm'): rebuild it")
+        return c
+
+    def evidence(self, a_max: torch.Tensor, a_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_harm [B], suppression [B]): the explanatory components, standardised on calibration."""
+        c = self._calibration()
         harm, drive = self.components(a_max, a_last)
         z = (harm - c["harm_mean"]) / c["harm_std"]
         supp = (c["alpha"] + c["beta"] * harm - drive) / c["resid_std"]
         return z, supp
 
     def score(self, a_max: torch.Tensor, a_last: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(*self.evidence(a_max, a_last))
+        """Discriminant of (harm, drive), in benign calibration standard deviations."""
+        c = self._calibration()
+        harm, drive = self.components(a_max, a_last)
+        return (c["w_harm"] * harm + c["w_drive"] * drive - c["score_mean"]) / c["score_std"]
 
     def readings(self, a_max: torch.Tensor, a_last: torch.Tensor, top: int = 5) -> list[MonitorReading]:
-        """Per input: score, flag, and the features behind each evidence term (contribution in z units)."""
-        c = self.calibration
+        """Per input: score, flag, and the features behind it. A feature's contribution is its share of
+        the score (score units); all features' contributions sum to ``score + score_mean / score_std``."""
+        c = self._calibration()
         harm, drive = self.components(a_max, a_last)
         s = self.score(a_max, a_last)
         w = torch.tensor([f.weight for f in self.features])
@@ -163,10 +187,12 @@ class Monitor:
         for b in range(a_max.shape[0]):
             rows = []
             for j, f in enumerate(self.features):
-                if f.group == "harm":   # raises z_harm (and, through beta, the drive it predicts)
-                    act, contrib = float(a_max[b, j]), float(a_max[b, j] * w[j]) / n_harm / c["harm_std"]
-                else:                   # refusal drive lowers suppression, compliance drive raises it
-                    act, contrib = float(a_last[b, j]), -float(a_last[b, j] * w[j]) / c["resid_std"]
+                if f.group == "harm":   # max over positions, averaged over the harm group
+                    act = float(a_max[b, j])
+                    contrib = c["w_harm"] * act * float(w[j]) / n_harm / c["score_std"]
+                else:                   # last position, signed effect: sign follows effect x w_drive
+                    act = float(a_last[b, j])
+                    contrib = c["w_drive"] * act * float(w[j]) / c["score_std"]
                 if act > 0:
                     rows.append({"layer": f.layer, "index": f.index, "group": f.group, "activation": act,
                                  "contribution": contrib})
@@ -351,8 +377,19 @@ def harm_features(loaded, clt, harmful: Sequence[str], benign: Sequence[str], k:
     return out
 
 
+def _discriminant(xh: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """Fisher's linear discriminant: weights w = S_w^-1 (mean_h - mean_b), S_w the pooled within-class
+    covariance. Defined even when the classes separate perfectly (unlike a logistic fit, whose weights
+    then diverge); a small ridge keeps it finite when a column is constant (e.g. no harm feature fires)."""
+    dh, db = xh - xh.mean(0), xb - xb.mean(0)
+    sw = (dh.T @ dh + db.T @ db) / max(len(xh) + len(xb) - 2, 1)
+    sw = sw + 1e-6 * (sw.diagonal().sum() + 1e-12) * torch.eye(sw.shape[0], dtype=sw.dtype)
+    return torch.linalg.solve(sw, xh.mean(0) - xb.mean(0))
+
+
 def calibrate(monitor: Monitor, harmful: Scored, benign: Scored) -> Monitor:
-    """Benign mean / std of harm, the drive-on-harm fit over both classes, the threshold at ``1 - fpr``."""
+    """Fit everything the score needs on the calibration prompts: the (harm, drive) discriminant and its
+    benign mean / std, the components' statistics, and the threshold at the benign ``1 - fpr`` quantile."""
     hh, dh = monitor.components(harmful.a_max, harmful.a_last)
     hb, db = monitor.components(benign.a_max, benign.a_last)
     if len(hb) < 2 or len(hh) < 2:
@@ -361,7 +398,11 @@ def calibrate(monitor: Monitor, harmful: Scored, benign: Scored) -> Monitor:
     X = torch.stack([torch.ones_like(h), h], 1)
     alpha, beta = torch.linalg.lstsq(X, d[:, None]).solution[:, 0].tolist()
     resid = d - (alpha + beta * h)
-    monitor.calibration = {"harm_mean": float(hb.mean()), "harm_std": float(hb.std()) or 1.0,
+    w_harm, w_drive = _discriminant(torch.stack([hh, dh], 1).double(), torch.stack([hb, db], 1).double()).tolist()
+    sb = w_harm * hb.double() + w_drive * db.double()
+    monitor.calibration = {"w_harm": w_harm, "w_drive": w_drive, "score_mean": float(sb.mean()),
+                           "score_std": float(sb.std()) or 1.0,
+                           "harm_mean": float(hb.mean()), "harm_std": float(hb.std()) or 1.0,
                            "alpha": alpha, "beta": beta, "resid_std": float(resid.std()) or 1.0,
                            "threshold": float("inf"), "n_harmful": len(hh), "n_benign": len(hb)}
     s = monitor.score(benign.a_max, benign.a_last).numpy()
@@ -426,15 +467,17 @@ class DirectionBaseline:
 
 def evaluate(loaded, clt, monitor: Monitor, base: DirectionBaseline, pos: Sequence[str], neg: Sequence[str],
              ts: tokens.TokenSets, fpr: float = 0.05) -> dict:
-    """Monitor vs direction projection vs P(refuse) on one positive / negative prompt set; the
-    components alone (harm evidence, suppressed drive) are reported too, to show what the score uses."""
+    """Monitor vs direction projection vs P(refuse) on one positive / negative prompt set; the terms
+    alone (harm evidence, refusal drive, suppression) are reported too, to show what the score uses."""
     bs = monitor.config.batch_size
     sp, sn = read_prompts(loaded, clt, monitor, pos, ts, bs), read_prompts(loaded, clt, monitor, neg, ts, bs)
     (zp, up), (zn, un) = monitor.evidence(sp.a_max, sp.a_last), monitor.evidence(sn.a_max, sn.a_last)
-    scores = {"monitor": (torch.minimum(zp, up), torch.minimum(zn, un)),
+    scores = {"monitor": (monitor.score(sp.a_max, sp.a_last), monitor.score(sn.a_max, sn.a_last)),
               "direction": (base.project(loaded, pos, bs), base.project(loaded, neg, bs)),
               "p_refuse": (sp.p_refuse, sn.p_refuse),
-              "monitor_harm": (zp, zn), "monitor_suppression": (up, un)}
+              "monitor_harm": (zp, zn), "monitor_drive": (monitor.components(sp.a_max, sp.a_last)[1],
+                                                          monitor.components(sn.a_max, sn.a_last)[1]),
+              "monitor_suppression": (up, un)}
     res = {k: detector_metrics(p, n, fpr) for k, (p, n) in scores.items()}
     thr = monitor.calibration["threshold"]
     res["flag_rate_pos"] = float((scores["monitor"][0] > thr).float().mean())
@@ -572,10 +615,13 @@ def run_monitor(loaded, clt, rk, out_dir: str | Path, cfg: MonitorRunConfig | No
                                    else {"skipped": f"only {len(wh_c)} wrapped harmful prompts complied with"}),
               "n_wrapped_harmful": len(wh), "n_wrapped_complied": len(wh_c),
               "definition": {
-                  "score": "min(z_harm, suppression); z_harm = (harm - benign mean) / benign std, harm = mean "
-                           "over harm features of max activation / typical; suppression = (alpha + beta harm - "
-                           "drive) / residual std, drive = sum over decision features of (signed effect / "
-                           "typical) x last-position activation, alpha/beta fitted on calibration prompts",
+                  "score": "(w_harm harm + w_drive drive - benign mean) / benign std; harm = mean over harm "
+                           "features of max activation / typical; drive = sum over decision features of (signed "
+                           "effect / typical) x last-position activation; (w_harm, w_drive) = Fisher discriminant "
+                           "of harmful vs benign calibration prompts",
+                  "monitor_harm": "z_harm = (harm - benign mean) / benign std",
+                  "monitor_suppression": "(alpha + beta harm - drive) / residual std, alpha/beta a least-squares "
+                                         "fit of drive on harm over the calibration prompts",
                   "complied": "first-token P(compliance set) > P(refusal set)",
                   "tpr_at_fpr": f"TPR at the negatives' {1 - mcfg.fpr:.0%} quantile threshold"}}
     result["wall_seconds"] = time.time() - t0
@@ -629,7 +675,7 @@ def render_markdown(result: dict, mon: Monitor) -> str:
         if "skipped" in r:
             lines.append(f"| {name} | - | {r['skipped']} | | | | |")
             continue
-        for det in ("monitor", "monitor_harm", "monitor_suppression", "direction", "p_refuse"):
+        for det in ("monitor", "monitor_harm", "monitor_drive", "monitor_suppression", "direction", "p_refuse"):
             m = r[det]
             lines.append(f"| {name} | {det} | {m['auroc']:.3f} | {m['tpr_at_fpr']:.3f} | {m['fpr']:.3f} | "
                          f"{m['n_pos']} | {m['n_neg']} |")
