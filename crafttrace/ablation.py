@@ -32,6 +32,13 @@ from .capability import generate, mcnemar_exact, wilson
 from .steering import FeatureSteer, steer
 
 
+# Real-text pools (any non-testbed model): boundary prompts from both held-out harmful sets (HarmBench and
+# StrongREJECT: neither is trained on by crafttrace.safety), cross-group contrast from AdvBench vs AlpacaEval.
+REAL_TEXT = {"token_set": "extended", "boundary_pool": "harmbench+strongreject", "plain_pool": "strongreject",
+             "harmful_pool": "advbench", "benign_pool": "alpaca_eval", "capability": "mmlu",
+             "attribution_batch_size": 16}   # bounded memory for circuit-tracer's backward on real models
+
+
 @dataclass
 class AblationConfig:
     token_set: str = "testbed"
@@ -196,7 +203,12 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     runs.write_json(out / "boundary.json", bjson)
     rank_recs = [bpool[i] for i in rank_idx]
     eval_recs = [bpool[i] for i in eval_idx]
-    plain_recs = sample_records(pool_records(cfg.plain_pool, cfg.seed), cfg.n_plain, rng)
+    # plain prompts are the non-boundary ones: a pool shared with the boundary pool loses the selected prompts
+    chosen = {r["prompt"] for r in rank_recs + eval_recs}
+    plain_pool = [r for r in pool_records(cfg.plain_pool, cfg.seed) if r["prompt"] not in chosen]
+    if not plain_pool:
+        raise ValueError(f"plain pool {cfg.plain_pool!r} has no prompt outside the boundary selection")
+    plain_recs = sample_records(plain_pool, cfg.n_plain, rng)
     harm_recs = sample_records(pool_records(cfg.harmful_pool, cfg.seed), cfg.n_cross, rng)
     ben_recs = sample_records(pool_records(cfg.benign_pool, cfg.seed), cfg.n_cross, rng)
 

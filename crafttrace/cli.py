@@ -202,16 +202,14 @@ def ablation(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
 
 
 def _run_ablation(model, transcoder, config, out, rank_only=False, influence_path=None, extra=None, demo=False):
-    from .ablation import AblationConfig, render_markdown, run_ablation
+    from .ablation import REAL_TEXT, AblationConfig, render_markdown, run_ablation
     d = {k: v for k, v in AblationConfig.demo().__dict__.items()} if demo else {}
+    if not (model == "testbed" or model.startswith("testbed:")):
+        d.update(REAL_TEXT)   # real text: data set pools instead of the testbed's synthetic ones
     d.update(_config(config))
     d.update(extra or {})
     if influence_path:
         d["influence_path"] = influence_path
-    if not (model == "testbed" or model.startswith("testbed:")):
-        d.setdefault("capability", "mmlu")
-        d.setdefault("token_set", "extended")
-        d.setdefault("attribution_batch_size", 16)  # real models: bounded memory for circuit-tracer's backward
     cfg = AblationConfig.from_dict(d)
     loaded, clt = load(model, transcoder)
     res = run_ablation(loaded, clt, cfg, out, cache_key=f"{model}|{transcoder}", rank_only=rank_only)
@@ -223,11 +221,17 @@ def _run_ablation(model, transcoder, config, out, rank_only=False, influence_pat
 
 @app.command()
 def demo(out: Path = OUT, seed: int = typer.Option(0, help="testbed seed (0 is shipped in transcoders/)"),
-         influence_path: str = typer.Option("graph", help="graph | grad")):
-    """Run the whole pipeline on the embedded synthetic testbed, offline, in well under a minute."""
+         influence_path: str = typer.Option("graph", help="graph | grad"),
+         testbed: str = typer.Option("synthetic", help="synthetic | smollm2-safety[:SIZE] (the real-language "
+                                                       "testbed; built first if missing, ~90 min)")):
+    """Run the whole pipeline on the embedded synthetic testbed (offline, well under a minute), or with
+    ``--testbed smollm2-safety`` on the safety-tuned SmolLM2 with its own CLT."""
     import time
     t = time.time()
-    _run_ablation(f"testbed:{seed}", None, None, out, influence_path=influence_path, demo=True)
+    if testbed != "synthetic" and not testbed.startswith("smollm2-safety"):
+        raise typer.BadParameter(f"unknown testbed {testbed!r}; known: synthetic, smollm2-safety[:SIZE]")
+    model = f"testbed:{seed}" if testbed == "synthetic" else testbed
+    _run_ablation(model, None, None, out, influence_path=influence_path, demo=True)
     typer.echo(f"demo finished in {time.time() - t:.1f} s")
 
 
@@ -387,9 +391,8 @@ def compare(base: str = typer.Option(..., help="base model spec"), tuned: str = 
 
 def _rank_for(model, transcoder, out):
     """A Ranking for monitor/audit/drift: runs the ranking stage into OUT (cached effects make reruns cheap)."""
-    from .ablation import AblationConfig, run_ablation
-    d = {} if (model == "testbed" or model.startswith("testbed:")) else {"capability": "mmlu", "token_set": "extended",
-                                                                         "attribution_batch_size": 16}
+    from .ablation import REAL_TEXT, AblationConfig, run_ablation
+    d = {} if (model == "testbed" or model.startswith("testbed:")) else dict(REAL_TEXT)
     loaded, clt = load(model, transcoder)
     res = run_ablation(loaded, clt, AblationConfig.from_dict(d), out, cache_key=f"{model}|{transcoder}",
                        rank_only=True)
@@ -403,7 +406,10 @@ def monitor(model: str = MODEL, transcoder: Optional[str] = TRANSCODER, config: 
     from .monitor import MonitorRunConfig, run_monitor
     loaded, clt, rk = _rank_for(model, transcoder, out)
     res = run_monitor(loaded, clt, rk, out / "monitor", MonitorRunConfig.from_dict(_config(config)))
-    typer.echo(json.dumps({k: v for k, v in res.items() if k in ("plain", "wrapped", "summary")}, indent=1, default=str))
+    def brief(v):  # detector metrics without the per-prompt score lists (those are in monitor_eval.json)
+        return {k: brief(x) for k, x in v.items() if k != "scores"} if isinstance(v, dict) else v
+    typer.echo(json.dumps({k: brief(res[k]) for k in ("plain", "wrapped_complied", "n_wrapped_complied") if k in res},
+                          indent=1, default=str))
 
 
 @app.command()

@@ -500,6 +500,18 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     name = str(name_or_path)
+    if "+" in name and not Path(name).expanduser().exists():
+        # a union of pools ("harmbench+strongreject"): each record gets the common "prompt" field and its
+        # "source", so callers that read record["prompt"] work on mixed data sets
+        parts = [p.strip() for p in name.split("+")]
+        if not all(parts):
+            raise DataError(f"{name!r}: empty data set name in a '+' union")
+        records = []
+        for part in parts:
+            field_name = REGISTRY[part].prompt_field if part in REGISTRY else "prompt"
+            for r in load_dataset(part, split=split, seed=seed):
+                records.append({**r, "prompt": r.get(field_name, r.get("prompt")), "source": part})
+        return records[:limit] if limit is not None else records
     if name.startswith("testbed:"):
         from crafttrace.testbed.language import pool  # lazy: the testbed is optional for real-model work
 
@@ -534,7 +546,7 @@ def prompts(name_or_path: str, limit: int | None = None, split: str | None = Non
     records = load_dataset(name, limit=limit, split=split, seed=seed)
     if not records:
         raise DataError(f"{name}: the prompt pool is empty")
-    fieldname = REGISTRY[name].prompt_field if name in REGISTRY else \
+    fieldname = REGISTRY[name].prompt_field if name in REGISTRY else "prompt" if "+" in name else \
         next((f for f in _PROMPT_FIELDS if f in records[0]), None)
     if fieldname is None and len(records[0]) == 1:
         fieldname = next(iter(records[0]))

@@ -68,7 +68,7 @@ class MeasureConfig:
     n_gsm8k: int = 30
     gen_tokens: int = 48                # greedy tokens scored by the refusal detector
     gsm8k_tokens: int = 192
-    boundary_pool: str = "harmbench"
+    boundary_pool: str = "harmbench+strongreject"   # both held-out harmful sets ('+' joins data sets)
     min_refuse: float = 0.2
     min_comply: float = 0.2
     batch_size: int = 16
@@ -358,9 +358,10 @@ def _run_sft(ctx: _Context, budget: _Budget) -> dict | None:
     while True:
         # a fresh copy of the base each slice: train_safety merges into the model it is given
         loaded = load_model(ctx.cfg.base)
-        res = train_safety(loaded, ctx.splits().harmful_train, benign, ctx.cfg.safety, ctx.out / "sft",
+        sp = ctx.splits()
+        res = train_safety(loaded, sp.harmful_train, benign, ctx.cfg.safety, ctx.out / "sft",
                            max_steps=ctx.cfg.sft_slice_steps if budget.seconds is not None else None,
-                           progress=ctx.progress)
+                           progress=ctx.progress, harmful_val=sp.harmful_heldout, benign_val=sp.benign_val)
         if res.metrics["finished"]:
             break
         if budget.spent():
@@ -368,7 +369,8 @@ def _run_sft(ctx: _Context, budget: _Budget) -> dict | None:
     m = res.metrics
     return {"model_dir": str(res.model_dir), "steps": m["step"], "train_seconds": m["train_seconds"],
             "loss_first_epoch": m["loss_first_epoch"], "loss_last_epoch": m["loss_last_epoch"],
-            "lora_parameters": m["lora_parameters"], "adapted_layers": m["adapted_layers"]}
+            "lora_parameters": m["lora_parameters"], "adapted_layers": m["adapted_layers"],
+            "merge_scale": m["merge_scale"], "calibration": m.get("calibration")}
 
 
 def clt_texts(loaded, cfg: RealbedConfig, splits, distilled: list[dict]) -> list[str]:
@@ -459,13 +461,11 @@ def _run_measure(which: str) -> Callable[[_Context, _Budget], dict | None]:
 
 
 def _run_ablation(ctx: _Context, budget: _Budget) -> dict | None:
-    from crafttrace.ablation import AblationConfig, run_ablation
+    from crafttrace.ablation import REAL_TEXT, AblationConfig, run_ablation
     from crafttrace.transcoders import load_transcoder
 
-    acfg = AblationConfig.from_dict({"token_set": "extended", "boundary_pool": "harmbench",
-                                     "plain_pool": "strongreject", "harmful_pool": "advbench",
-                                     "benign_pool": "alpaca_eval", "capability": "mmlu", "seed": ctx.cfg.seed,
-                                     **ctx.cfg.ablation})
+    acfg = AblationConfig.from_dict({**REAL_TEXT, "boundary_pool": ctx.cfg.measure.boundary_pool,
+                                     "seed": ctx.cfg.seed, **ctx.cfg.ablation})
     loaded = ctx.tuned()
     clt = load_transcoder(ctx.out / "clt" / "transcoder")
     res = run_ablation(loaded, clt, acfg, ctx.out / "ablation",

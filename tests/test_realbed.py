@@ -74,7 +74,7 @@ def test_full_build_writes_every_stage(built):
         assert len(m["mmlu"]["correct"]) == 8 and len(m["gsm8k"]["correct"]) == 2
         assert all(len(e) <= realbed.EXCERPT_CHARS for p in ("harmbench", "strongreject") for e in m[p]["excerpts"])
         assert set(m["boundary"]) == {"strict", "extended"}
-        assert m["boundary"]["strict"]["n_pool"] == len(data.prompts("harmbench"))
+        assert m["boundary"]["strict"]["n_pool"] == len(data.prompts("harmbench")) + len(data.prompts("strongreject"))
     cmp = realbed.compare_measurements(json.loads((out / "measure" / "base.json").read_text()),
                                        json.loads((out / "measure" / "tuned.json").read_text()))
     assert set(cmp) >= {"mmlu", "harmbench", "strongreject"} and all(0 <= v["mcnemar_p"] <= 1 for v in cmp.values())

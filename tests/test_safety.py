@@ -215,3 +215,30 @@ def test_schedule_covers_each_example_once_per_epoch_with_length_grouping():
     assert batches == safety._schedule(lengths, cfg) and batches != safety._schedule(lengths, tiny_config(seed=1, epochs=3, batch_size=4))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 30   # grouped by length: far below the ~60 of random batches
+
+
+def test_strength_calibration_picks_the_smallest_scale_that_refuses_and_merges_at_it(model_dir, tmp_path):
+    base = load_model(model_dir)
+    cfg = tiny_config(epochs=25, lora_layer_frac=1.0, n_harmful_train=6, n_benign_train=6, distill_max_new_tokens=6,
+                      merge_scales=(0.02, 1.0, 1.5), target_refusal=1.0, max_over_refusal=0.5, n_calibration=6,
+                      calibration_tokens=3)
+    benign = safety.distill(base, BENIGN, cfg, tmp_path, progress=False)
+    with pytest.raises(SafetyTuningError, match="needs validation prompts"):
+        safety.train_safety(load_model(model_dir), HARMFUL, benign, cfg, tmp_path / "x", progress=False)
+    res = safety.train_safety(base, HARMFUL, benign, cfg, tmp_path, progress=False, harmful_val=HARMFUL,
+                              benign_val=BENIGN)
+    cal = res.metrics["calibration"]
+    rows = {r["scale"]: r for r in cal["rows"]}
+    assert sorted(rows) == [0.02, 1.0, 1.5]
+    # a 2% merge barely moves the base model; the full adapter refuses every (trained) harmful prompt
+    assert rows[0.02]["refusal"] < 1.0 <= rows[1.0]["refusal"]
+    assert cal["chosen_scale"] == res.metrics["merge_scale"] == 1.0
+    # the saved model is base + 1.0 * delta: it equals an uncalibrated run's merge
+    plain = safety.train_safety(load_model(model_dir), HARMFUL, benign, tiny_config(
+        epochs=25, lora_layer_frac=1.0, n_harmful_train=6, n_benign_train=6, distill_max_new_tokens=6),
+        tmp_path / "plain", progress=False)
+    a, b = load_model(res.model_dir).model.state_dict(), load_model(plain.model_dir).model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    with pytest.raises(SafetyTuningError, match="merge_scales"):
+        tiny_config(merge_scales=(0.0,))
