@@ -56,8 +56,9 @@ def collect(bed: realbed.Realbed) -> dict:
     if len(m) == 2:
         rec["comparison"] = realbed.compare_measurements(m["base"], m["tuned"])
     if "sft" in bed.done:
-        rec["sft"] = {k: bed.done["sft"][k] for k in ("steps", "train_seconds", "loss_first_epoch", "loss_last_epoch",
-                                                     "lora_parameters", "adapted_layers")}
+        rec["sft"] = {k: bed.done["sft"].get(k) for k in ("steps", "train_seconds", "loss_first_epoch",
+                                                         "loss_last_epoch", "lora_parameters", "adapted_layers",
+                                                         "merge_scale", "calibration")}
     if "clt" in bed.done:
         rec["clt"] = {k: v for k, v in bed.done["clt"].items() if k not in ("stage", "key", "finished_at")}
     if "graphs" in bed.done:
@@ -96,11 +97,12 @@ def render(result: dict) -> str:
     for k, v in result["targets"].items():
         L.append(f"| {k} | {v['rule']} | {_f(v['value'])} | {'-' if v['met'] is None else 'yes' if v['met'] else 'no'} |")
     if "base" in result or "tuned" in result:
+        pool = result["config"]["measure"]["boundary_pool"]
         L += ["", "## Base vs tuned", "", "| metric | base | tuned |", "|---|---|---|"]
         for key, label in (("refusal_heldout_harmful", "refusal, held-out HarmBench+StrongREJECT"),
                            ("over_refusal_benign", "over-refusal, held-out AlpacaEval"), ("mmlu", "MMLU (0-shot)"),
-                           ("gsm8k", "GSM8K"), ("boundary_strict", "boundary-critical HarmBench (strict)"),
-                           ("boundary_extended", "boundary-critical HarmBench (extended)")):
+                           ("gsm8k", "GSM8K"), ("boundary_strict", f"boundary-critical {pool} (strict)"),
+                           ("boundary_extended", f"boundary-critical {pool} (extended)")):
             L.append(f"| {label} | {_f(result.get('base', {}).get('summary', {}).get(key))} | "
                      f"{_f(result.get('tuned', {}).get('summary', {}).get(key))} |")
     if "comparison" in result:
@@ -110,7 +112,15 @@ def render(result: dict) -> str:
         s = result["sft"]
         L += ["", f"SFT: {s['steps']} steps, {s['train_seconds']:.0f} s, loss {s['loss_first_epoch']:.3f} (first epoch) -> "
                   f"{s['loss_last_epoch']:.3f} (last), {s['lora_parameters']} LoRA parameters on layers "
-                  f"{s['adapted_layers'][0]}-{s['adapted_layers'][-1]}."]
+                  f"{s['adapted_layers'][0]}-{s['adapted_layers'][-1]}; merged at {_f(s.get('merge_scale'), '.2f')} x "
+                  "the LoRA delta."]
+        if s.get("calibration"):
+            c = s["calibration"]
+            L += ["", f"Strength calibration on validation prompts ({c['n_harmful']} held-out AdvBench, {c['n_benign']} "
+                      f"validation AlpacaEval; target refusal >= {c['target_refusal']}, over-refusal <= "
+                      f"{c['max_over_refusal']}): chose {c['chosen_scale']} ({c['reason']}).", "",
+                  "| scale | refusal (AdvBench val) | over-refusal (AlpacaEval val) |", "|---|---|---|",
+                  *[f"| {r['scale']} | {r['refusal']:.3f} | {r['over_refusal']:.3f} |" for r in c["rows"]]]
     if "clt" in result:
         c = result["clt"]
         L += ["", f"CLT: NMSE mean {c['nmse_mean']:.3f} (total {c['nmse_total']:.3f}), L0 mean {c['l0_mean']:.1f}, dead "

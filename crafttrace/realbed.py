@@ -121,11 +121,19 @@ class RealbedConfig:
                        measure=MeasureConfig(n_harmbench=50, n_strongreject=50, n_benign=50, n_mmlu=100, n_gsm8k=0,
                                              gen_tokens=24),
                        n_graph_prompts=2)
-        tokens = 409_600 if size == "default" else 2_048_000
-        return cls(base=base, size=size, seed=seed, safety=SafetyConfig(seed=seed),
-                   clt=CLTTrainConfig(d_transcoder=512, total_tokens=tokens, batch_tokens=1024, chunk_tokens=16384,
-                                      eval_tokens=4096, checkpoint_every=50, seed=seed),
-                   n_corpus_texts=1500 if size == "default" else 6000)
+        # CLT: TopK (k=16, exported as JumpReLU). Measured on the tuned model's activations (2 cores, 512 features,
+        # 30 steps of 1024 tokens, held-out NMSE): TopK-16 at lr 4e-3 0.65 at 2.1 s/step; JumpReLU at lr 1e-3
+        # 1.19 after 20 steps at 5 s/step (at 4e-3 it collapsed to L0 7); TopK-32 0.65 at 3.3 s/step.
+        # Each collected chunk is used 3 times: collecting costs 4.7 ms/token, a TopK step 2.1 ms/token.
+        steps = 520 if size == "default" else 2400
+        return cls(base=base, size=size, seed=seed,
+                   safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 1.0, 1.25, 1.5),
+                                       target_refusal=0.95, max_over_refusal=0.06, seed=seed),
+                   clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, lr_warmup_steps=20,
+                                      total_tokens=steps * 1024, batch_tokens=1024, chunk_tokens=16384,
+                                      chunk_passes=3, eval_tokens=4096, checkpoint_every=40, seed=seed),
+                   measure=MeasureConfig(gsm8k_tokens=128),
+                   n_corpus_texts=3000 if size == "default" else 12000)
 
     def to_dict(self) -> dict[str, Any]:
         return runs._jsonable(self)

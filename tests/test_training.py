@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,10 @@ def test_train_jumprelu_export_folds_normalisation(tiny, texts, tmp_path):
     assert 0 < m["l0_mean"] < cfg.d_transcoder
 
 
-def test_resume_reproduces_uninterrupted_run(tiny, texts, tmp_path):
-    cfg = small_cfg(total_tokens=128 * 14, checkpoint_every=3)   # 14 steps, 4 per chunk
+@pytest.mark.parametrize("passes", [1, 2])
+def test_resume_reproduces_uninterrupted_run(tiny, texts, tmp_path, passes):
+    # 14 steps, 4 batches per chunk pass; with 2 passes the stop at step 6 falls inside a chunk's second pass
+    cfg = small_cfg(total_tokens=128 * 14, checkpoint_every=3, chunk_passes=passes)
     full = train_clt(tiny, texts, cfg, tmp_path / "full", progress=False)
     part = train_clt(tiny, texts, cfg, tmp_path / "part", max_steps=6, progress=False)  # stops mid-chunk
     assert part.metrics == {"finished": False, "step": 6, "history": part.metrics["history"]}
@@ -153,6 +156,22 @@ def test_resume_reproduces_uninterrupted_run(tiny, texts, tmp_path):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"{name} differs after resume")
     assert resumed.metrics["nmse_mean"] == pytest.approx(full.metrics["nmse_mean"], rel=1e-4)
+    assert full.metrics["collected_tokens"] == cfg.chunk_tokens * -(-14 // (4 * passes))
+
+
+def test_chunk_passes_reuse_each_chunk_in_fresh_orders(tiny, texts, monkeypatch):
+    import crafttrace.training as T
+    seen = []
+    real_step = T._Trainer.train_step
+    monkeypatch.setattr(T._Trainer, "train_step", lambda self, x, y: seen.append(x.clone()) or real_step(self, x, y))
+    cfg = small_cfg(total_tokens=128 * 8, chunk_passes=2)    # one chunk (4 batches), used twice
+    train_clt(tiny, texts, cfg, Path(tempfile.mkdtemp()), progress=False)
+    first, second = torch.cat(seen[:4]), torch.cat(seen[4:])
+    key = lambda t: sorted(map(tuple, t[:, 0, :4].tolist()))  # noqa: E731
+    assert key(first) == key(second)                # the same tokens ...
+    assert not torch.equal(first, second)           # ... in another order
+    with pytest.raises(ValueError, match="chunk_passes must be >= 1"):
+        CLTTrainConfig(chunk_passes=0)
 
 
 def test_resume_with_other_config_is_refused(tiny, texts, tmp_path):
