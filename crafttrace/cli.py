@@ -495,7 +495,8 @@ def testbed_build(name: str = typer.Argument("synthetic", help="synthetic | smol
                   size: str = typer.Option("default", help="smollm2-safety: tiny | small | default"),
                   time_budget_s: Optional[float] = typer.Option(None, help="smollm2-safety: stop after this many "
                                                                  "seconds; rerun to continue"),
-                  out: Optional[Path] = typer.Option(None, help="default: the testbed cache")):
+                  out: Optional[Path] = typer.Option(None, help="default: the testbed cache"),
+                  ablation: bool = typer.Option(False, help="smollm2-safety: also run the ablation stage")):
     """Build a testbed: the synthetic one (deterministic from a seed) or the safety-tuned SmolLM2 (staged,
     cached: a rerun skips finished stages)."""
     if name == "synthetic":
@@ -503,8 +504,9 @@ def testbed_build(name: str = typer.Argument("synthetic", help="synthetic | smol
         path = build_testbed(seed, out or default_dir(seed))
         typer.echo(f"testbed seed {seed} written to {path}")
     elif name == "smollm2-safety":
-        from .realbed import build_realbed
-        bed = build_realbed(out, size=size, seed=seed, time_budget_s=time_budget_s)
+        from .realbed import DEFAULT_STAGES, build_realbed
+        stages = DEFAULT_STAGES + (("ablation",) if ablation else ())
+        bed = build_realbed(out, size=size, seed=seed, time_budget_s=time_budget_s, stages=stages)
         typer.echo(f"smollm2-safety ({size}, seed {seed}): done stages {list(bed.done)}; finished={bed.finished}")
     else:
         _fail(f"unknown testbed {name!r}; choose synthetic or smollm2-safety")

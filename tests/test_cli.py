@@ -66,3 +66,20 @@ def test_steer_moves_the_first_token(tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "steer.json").read_text())
     assert doc["feature"] == [2, 0] and doc["base"]
+
+
+def test_realbed_build_and_demo_route_to_the_real_language_testbed(tmp_path, monkeypatch):
+    import crafttrace.cli as cli
+    import crafttrace.realbed as realbed
+    calls = []
+    monkeypatch.setattr(realbed, "build_realbed", lambda out, **kw: calls.append(kw) or realbed.Realbed(
+        tmp_path, realbed.RealbedConfig.preset("tiny"), {s: {} for s in kw["stages"]}, True))
+    assert run("testbed", "build", "smollm2-safety", "--size", "tiny", "--ablation").exit_code == 0
+    assert run("testbed", "build", "smollm2-safety", "--size", "tiny").exit_code == 0
+    assert calls[0]["stages"] == realbed.DEFAULT_STAGES + ("ablation",) and calls[1]["stages"] == realbed.DEFAULT_STAGES
+    seen = []
+    monkeypatch.setattr(cli, "_run_ablation", lambda model, *a, **k: seen.append((model, k.get("demo"))))
+    assert run("demo", "--testbed", "smollm2-safety:small", "--out", tmp_path).exit_code == 0
+    assert seen == [("smollm2-safety:small", True)]
+    r = run("demo", "--testbed", "gemma", "--out", tmp_path)
+    assert r.exit_code != 0 and "unknown testbed 'gemma'" in r.output
