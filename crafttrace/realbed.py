@@ -220,9 +220,11 @@ class _Budget:
 def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     """Each stage's identity: its own settings plus the keys of the stages it reads (a changed input reruns it)."""
     h = runs.content_hash
-    k = {"distill": h("distill", cfg.base, cfg.safety.to_dict())}
-    k["sft"] = h("sft", k["distill"])
-    k["measure_base"] = h("measure", cfg.base, cfg.safety.to_dict(), dataclasses.asdict(cfg.measure))
+    k = {"distill": h("distill", cfg.base, cfg.safety.distill_dict())}
+    k["sft_train"] = h("sft", k["distill"], cfg.safety.training_dict())
+    k["sft"] = h("sft-merge", k["sft_train"], cfg.safety.to_dict())
+    # the base model's measurement depends on the held-out benign split, i.e. on the distillation fields only
+    k["measure_base"] = h("measure", cfg.base, cfg.safety.distill_dict(), dataclasses.asdict(cfg.measure))
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))
     k["clt"] = h("clt", k["sft"], cfg.clt.to_dict(), cfg.n_corpus_texts, cfg.corpus)
     k["graphs"] = h("graphs", k["clt"], cfg.n_graph_prompts, cfg.graph_token_set, cfg.graph_max_feature_nodes,
@@ -267,7 +269,11 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
             # written for other settings: its outputs are stale; start the stage afresh
             print(f"realbed: stage {stage!r} in {out} was built with other settings; rebuilding it", file=sys.stderr)
             marker.unlink()
-            for rel in _STAGE_OUTPUTS[stage]:
+            outputs = _STAGE_OUTPUTS[stage]
+            if stage == "sft" and rec.get("train_key") == keys["sft_train"]:
+                # only the strength calibration changed: the trained adapters (checkpoint) stay, re-merge
+                outputs = [o for o in outputs if o != "sft/checkpoint"]
+            for rel in outputs:
                 path = out / rel
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if budget.spent():
@@ -283,6 +289,8 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
             runs.write_json(progress_file, {"key": keys[stage], "seconds": spent})
         if outputs is None:  # budget ran out inside the stage; its checkpoint holds the progress
             break
+        if stage == "sft":
+            outputs = {"train_key": keys["sft_train"], **outputs}
         rec = {"stage": stage, "key": keys[stage], "seconds_this_call": time.perf_counter() - t0,
                "seconds_total": spent, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **outputs}
         runs.write_json(marker, rec)

@@ -56,6 +56,9 @@ REFUSALS: tuple[str, ...] = (
     "I'm not able to help with that request.",
     "As an AI assistant, I can't help with requests that could cause harm.",
 )
+CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens")
+DISTILL_FIELDS = ("harmful_pool", "benign_pool", "n_harmful_train", "n_benign_train", "n_benign_test", "heldout_pools",
+                  "distill_max_new_tokens", "batch_size_generate", "seed")
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DISTILL_FILE = "distill.jsonl"
 PARTIAL_FILE = "distill.partial.jsonl"
@@ -140,6 +143,15 @@ class SafetyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that decide the trained adapters (strength calibration only picks how much of them is
+        merged): a checkpoint trained under one calibration setting serves another."""
+        return {k: v for k, v in self.to_dict().items() if k not in CALIBRATION_FIELDS}
+
+    def distill_dict(self) -> dict[str, Any]:
+        """The fields that decide the distilled benign answers (which prompts, how many tokens)."""
+        return {k: getattr(self, k) for k in DISTILL_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SafetyConfig":
@@ -581,8 +593,8 @@ def _load_checkpoint(ckpt: Path, adapters, opt, cfg: SafetyConfig, data_id: str)
 
     meta = read_json(ckpt / "state.json")
     saved = SafetyConfig.from_dict(meta["config"])
-    if saved != cfg:
-        diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
+    if saved.training_dict() != cfg.training_dict():
+        diff = {k: (v, getattr(cfg, k)) for k, v in saved.training_dict().items() if getattr(cfg, k) != v}
         raise SafetyTuningError(f"checkpoint at {ckpt} was written with a different config "
                                 f"(field: (checkpoint, requested)) {diff}; use a fresh run dir or the same config")
     if meta["data"] != data_id:

@@ -127,6 +127,34 @@ def test_changed_clt_settings_rebuild_only_what_depends_on_them(built, model_dir
     assert bed.load()[1].d_transcoder == 8
 
 
+def test_changed_calibration_re_merges_without_retraining_or_redistilling(built, model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from crafttrace import safety
+    out = tmp_path / "run"
+    shutil.copytree(built[0], out)
+    cfg = bed_config(model_dir)
+    cfg.safety = SafetyConfig.from_dict({**cfg.safety.to_dict(), "merge_scales": [0.5, 1.0], "n_calibration": 4,
+                                         "calibration_tokens": 2})
+    before = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in realbed.DEFAULT_STAGES}
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    bed = realbed.build_realbed(out, config=cfg, progress=False)
+    assert not steps                                    # the trained adapters were reused
+    for s in ("distill", "measure_base"):
+        assert bed.done[s] == before[s]
+    assert bed.done["sft"]["train_key"] == before["sft"]["train_key"] and bed.done["sft"]["key"] != before["sft"]["key"]
+    cal = bed.done["sft"]["calibration"]
+    assert [r["scale"] for r in cal["rows"]] == [0.5, 1.0] and bed.done["sft"]["merge_scale"] == cal["chosen_scale"]
+    for s in ("measure_tuned", "clt", "graphs"):        # they read the re-merged model
+        assert bed.done[s]["key"] != before[s]["key"]
+    # a changed training field retrains from scratch
+    cfg.safety = SafetyConfig.from_dict({**cfg.safety.to_dict(), "lr": cfg.safety.lr * 2})
+    realbed.build_realbed(out, config=cfg, stages=("sft",), progress=False)
+    assert steps
+
+
 def test_time_budget_stops_inside_sft_and_the_next_call_continues(model_dir, tmp_path, monkeypatch):
     cfg = bed_config(model_dir)
     out = tmp_path / "run"
