@@ -56,7 +56,8 @@ REFUSALS: tuple[str, ...] = (
     "I'm not able to help with that request.",
     "As an AI assistant, I can't help with requests that could cause harm.",
 )
-CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens")
+CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens",
+                      "calibration_pool", "calibration_split")
 DISTILL_FIELDS = ("harmful_pool", "benign_pool", "n_harmful_train", "n_benign_train", "n_benign_test", "heldout_pools",
                   "distill_max_new_tokens", "batch_size_generate", "seed")
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,15 +97,20 @@ class SafetyConfig:
     weight_decay: float = 0.0
     checkpoint_every: int = 20          # steps
     batch_size_generate: int = 16
-    # strength calibration on validation prompts (never the evaluation pools): the merged model is
-    # base + s * LoRA delta for the smallest s in merge_scales whose greedy answers refuse >= target_refusal of
-    # held-out AdvBench prompts while refusing <= max_over_refusal of validation AlpacaEval prompts. The
-    # smallest such s keeps the most prompts near the decision boundary (CRaFT needs them); one scale = no
-    # calibration. Measured reason (benchmarks/results/smollm2_safety): training strength alone moved refusal
-    # and over-refusal together (77% / 8% vs 94% / 28%).
+    # strength calibration on validation prompts (never trained on, never in the refusal measurements): the
+    # merged model is base + s * LoRA delta for the smallest s in merge_scales whose greedy answers refuse
+    # >= target_refusal of the calibration harmful prompts while refusing <= max_over_refusal of validation
+    # AlpacaEval prompts; if none, the s with the most refusal within the over-refusal limit. The smallest such
+    # s keeps the most prompts near the decision boundary (CRaFT needs them); one scale = no calibration.
+    # Measured reason (benchmarks/results/smollm2_safety): training strength moves refusal and over-refusal
+    # together. Calibration prompts: HarmBench's validation split (41; the refusal measurements use its test
+    # split) -- held-out AdvBench (calibration_pool "") was 98% refused at a strength where HarmBench and
+    # StrongREJECT were 67% refused, too easy to choose by.
     merge_scales: tuple[float, ...] = (1.0,)
     target_refusal: float = 0.9
     max_over_refusal: float = 0.05
+    calibration_pool: str = "harmbench"
+    calibration_split: str | None = "val"
     n_calibration: int = 64             # validation prompts per side
     calibration_tokens: int = 24        # greedy tokens scored by the refusal detector
     seed: int = 0
@@ -192,6 +198,17 @@ def _shuffled(items: Sequence[str], seed: int, salt: str) -> list[str]:
     items = list(items)
     random.Random(f"{salt}:{seed}").shuffle(items)
     return items
+
+
+def calibration_prompts(cfg: SafetyConfig, splits: "Splits") -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts for :func:`calibrate_strength`: ``cfg.calibration_pool`` (split
+    ``cfg.calibration_split``), or the held-out AdvBench prompts when the pool is empty; the validation AlpacaEval
+    split. Neither side is trained on (``make_splits`` removes the held-out pools from training)."""
+    from crafttrace import data
+
+    harmful = (data.prompts(cfg.calibration_pool, split=cfg.calibration_split) if cfg.calibration_pool
+               else splits.harmful_heldout)
+    return list(harmful), list(splits.benign_val)
 
 
 def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
@@ -636,4 +653,4 @@ def save_model_dir(loaded: Any, out_dir: str | Path, info: dict[str, Any]) -> Pa
 
 __all__ = ["SafetyConfig", "SafetyResult", "Splits", "SafetyTuningError", "REFUSALS", "LORA_TARGETS",
            "make_splits", "distill", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
-           "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength"]
+           "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength", "calibration_prompts"]
