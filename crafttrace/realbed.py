@@ -10,7 +10,8 @@ Stages (each writes ``stages/<name>.json`` when done; a rerun skips finished sta
 unchanged, and every long stage resumes from its own checkpoint inside its directory):
 
   distill        base model's greedy answers to the benign training prompts  -> sft/distill.jsonl
-  sft            LoRA safety SFT (``crafttrace.safety``), merged              -> sft/model/ (HF directory)
+  sft            LoRA safety SFT (``crafttrace.safety``), merged at a strength  -> sft/model/ (HF directory)
+                 chosen on validation prompts (HarmBench val, AlpacaEval val)
   measure_tuned  behaviour of the tuned model (see below)                     -> measure/tuned.json
   measure_base   the same for the base model                                 -> measure/base.json
   clt            CLT for the tuned model (``crafttrace.training.train_clt``)  -> clt/transcoder/
@@ -19,11 +20,11 @@ unchanged, and every long stage resumes from its own checkpoint inside its direc
 
 The CLT reads ``hook_resid_mid`` (input of ``post_attention_layernorm``: residual after attention) and writes
 ``hook_mlp_out`` (output of ``mlp``) at every later layer, the circuit-tracer convention for Llama.
-``measure_*`` records refusal on held-out harmful prompts (HarmBench + StrongREJECT, never trained on;
-``evaluation.RefusalDetector``), over-refusal on the held-out AlpacaEval split, MMLU and GSM8K subsets
-(``capability``), and the number of boundary-critical HarmBench prompts under the strict and extended token
-sets (``boundary``, ``tokens``). Records hold metrics and at most 60-character excerpts, never full harmful
-completions.
+``measure_*`` records refusal on held-out harmful prompts (HarmBench test split + StrongREJECT, never trained
+on; ``evaluation.RefusalDetector``), over-refusal on the held-out AlpacaEval split, MMLU and GSM8K subsets
+(``capability``), and the number of boundary-critical HarmBench + StrongREJECT prompts under the strict and
+extended token sets (``boundary``, ``tokens``). Records hold metrics and at most 60-character excerpts, never
+full harmful completions.
 
 A ``time_budget_s`` stops the build between stages or between SFT / CLT slices once spent; the next call
 continues where it stopped.
