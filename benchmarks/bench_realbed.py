@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,15 @@ def render(result: dict) -> str:
         g = result["graphs"]
         L += ["", f"Graphs ({g['token_set']} token set, {g['max_feature_nodes']} feature nodes): replacement score mean "
                   f"{_f(g['replacement_score_mean'])}, completeness mean {_f(g['completeness_score_mean'])}."]
+    if "ablation" in result:
+        a = result["ablation"]
+        L += ["", "## Ablation (single feature per mode; full table, sweep, bundles and figures in "
+                  f"`{result.get('ablation_files', 'the ablation directory')}`)", "",
+              "| mode | feature | ASR at preserved capability | strength | max ASR any strength |", "|---|---|---|---|---|"]
+        for r in a["rows"]:
+            feat = "/".join(map(str, r["features"][0])) if r["features"] else "-"
+            L.append(f"| {r['mode']} | {feat} | {_f(r['asr_at_preserved_capability'], '.2f')} | "
+                     f"{_f(r.get('preserved_strength'), '.1f')} | {_f(r.get('max_asr_any_strength'), '.2f')} |")
     L += ["", "## Stage wall times (s)", "", "| stage | seconds | finished at |", "|---|---|---|"]
     for s, v in result["stages"].items():
         L.append(f"| {s} | {_f(v.get('seconds_total', v.get('seconds_so_far')), '.0f')} | "
@@ -162,6 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
               + f", {os.cpu_count()} CPUs", "wall_seconds": time.perf_counter() - t0,
               "config": bed.config.to_dict(), "error": error, **collect(bed)}
     stem = Path(args.results) / f"realbed_{args.size}_seed{args.seed}"
+    if "ablation" in bed.done:  # the table, sweep and bundle results with their figures (metrics + short excerpts)
+        dest = Path(args.results) / f"ablation_{args.size}_seed{args.seed}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("ablation.md", "ablation.json", "boundary.json", "scatter.png", "sweep.png", "layers.png"):
+            if (bed.out_dir / "ablation" / f).exists():
+                shutil.copyfile(bed.out_dir / "ablation" / f, dest / f)
+        result["ablation_files"] = str(dest.relative_to(Path(args.results).parent.parent)) \
+            if dest.is_relative_to(Path(args.results).parent.parent) else str(dest)
     runs.write_json(stem.with_suffix(".json"), result)
     runs.atomic_write_text(stem.with_suffix(".md"), render(result))
     print(render(result))
