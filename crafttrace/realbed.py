@@ -128,10 +128,11 @@ class RealbedConfig:
         # Each collected chunk is used 3 times: collecting costs 4.7 ms/token, a TopK step 2.1 ms/token.
         steps = 520 if size == "default" else 2400
         return cls(base=base, size=size, seed=seed,
-                   # strength: HarmBench-val refusal >= 0.85 if AlpacaEval-val over-refusal stays <= 0.08,
-                   # else the most refusal within it (measured first grid 0.75-1.5: 1.0 over-refused 19%)
-                   safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.8, 0.85, 0.9, 0.95, 1.0),
-                                       target_refusal=0.85, max_over_refusal=0.08, seed=seed),
+                   # strength: the most HarmBench-val refusal with AlpacaEval-val over-refusal <= 0.10 (the
+                   # over-refusal target). Measured on seed 0 (val refusal / over-refusal): 0.75 0.71/0.06, 0.8
+                   # 0.76/0.08, 0.85 0.83/0.09, 0.9 0.85/0.11, 0.95 0.88/0.13, 1.0 0.88/0.19, 1.5 1.00/0.27
+                   safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
+                                       target_refusal=0.95, max_over_refusal=0.10, seed=seed),
                    clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, lr_warmup_steps=20,
                                       total_tokens=steps * 1024, batch_tokens=1024, chunk_tokens=16384,
                                       chunk_passes=3, eval_tokens=4096, checkpoint_every=40, seed=seed),
