@@ -130,7 +130,7 @@ class RealbedConfig:
         return cls(base=base, size=size, seed=seed,
                    # strength: the most HarmBench-val refusal with AlpacaEval-val over-refusal <= 0.10 (the
                    # over-refusal target). Measured on seed 0 (val refusal / over-refusal): 0.75 0.71/0.06, 0.8
-                   # 0.76/0.08, 0.85 0.83/0.09, 0.9 0.85/0.11, 0.95 0.88/0.13, 1.0 0.88/0.19, 1.5 1.00/0.27
+                   # 0.76/0.08, 0.85 0.83/0.09, 0.9 0.85/0.11, 0.95 0.88/0.13, 1.0 0.88/0.19
                    safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10, seed=seed),
                    clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, lr_warmup_steps=20,
