@@ -133,7 +133,10 @@ class RealbedConfig:
                    # 0.76/0.08, 0.85 0.83/0.09, 0.9 0.85/0.11, 0.95 0.88/0.13, 1.0 0.88/0.19
                    safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10, seed=seed),
-                   clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, lr_warmup_steps=20,
+                   # lr 2e-3: the full default run at 4e-3 spiked (NMSE 0.43 -> 289 at step 139, 418 at 194):
+                   # Adam's first steps on a rare huge gradient (massive-activation tokens: 1% of tokens carry
+                   # 99% of layer 11's output variance) move every weight by ~3 lr
+                   clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=2e-3, lr_warmup_steps=50,
                                       total_tokens=steps * 1024, batch_tokens=1024, chunk_tokens=16384,
                                       chunk_passes=3, eval_tokens=4096, checkpoint_every=40, seed=seed),
                    measure=MeasureConfig(gsm8k_tokens=128),
