@@ -276,24 +276,26 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
             # written for other settings: its outputs are stale; start the stage afresh
             print(f"realbed: stage {stage!r} in {out} was built with other settings; rebuilding it", file=sys.stderr)
             marker.unlink()
-            outputs = _STAGE_OUTPUTS[stage]
-            if stage == "sft" and rec.get("train_key") == keys["sft_train"]:
-                # only the strength calibration changed: the trained adapters (checkpoint) stay, re-merge
-                outputs = [o for o in outputs if o != "sft/checkpoint"]
-            for rel in outputs:
-                path = out / rel
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _clear(out, stage, keep_checkpoint=rec.get("train_key") == keys["sft_train"])
+        progress_file = out / "stages" / f"{stage}.progress.json"
+        prev = runs.read_json(progress_file) if progress_file.exists() else {}
+        if prev and prev.get("key") != keys[stage]:
+            # an unfinished earlier attempt with other settings: its checkpoints cannot be resumed
+            print(f"realbed: unfinished stage {stage!r} in {out} was started with other settings; restarting it",
+                  file=sys.stderr)
+            _clear(out, stage, keep_checkpoint=prev.get("train_key") == keys["sft_train"])
+            progress_file.unlink()
         if budget.spent():
             break
         t0 = time.perf_counter()
-        progress_file = out / "stages" / f"{stage}.progress.json"
         try:
             outputs = _RUNNERS[stage](ctx, budget)
         finally:  # wall seconds summed over the calls that worked on this stage (killed calls excepted)
             prev = runs.read_json(progress_file) if progress_file.exists() else {}
             spent = prev.get("seconds", 0.0) + time.perf_counter() - t0 if prev.get("key") == keys[stage] \
                 else time.perf_counter() - t0
-            runs.write_json(progress_file, {"key": keys[stage], "seconds": spent})
+            runs.write_json(progress_file, {"key": keys[stage], "seconds": spent, "train_key": keys["sft_train"]}
+                            if stage == "sft" else {"key": keys[stage], "seconds": spent})
         if outputs is None:  # budget ran out inside the stage; its checkpoint holds the progress
             break
         if stage == "sft":
@@ -305,6 +307,16 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
     bed.finished = all(s in bed.done for s in order)
     ctx.release()
     return bed
+
+
+def _clear(out: Path, stage: str, keep_checkpoint: bool = False) -> None:
+    """Remove a stage's outputs. ``keep_checkpoint`` (sft only): the training settings are unchanged, only the
+    strength calibration differs, so the trained adapters stay and the stage only re-merges."""
+    for rel in _STAGE_OUTPUTS[stage]:
+        if stage == "sft" and keep_checkpoint and rel == "sft/checkpoint":
+            continue
+        path = out / rel
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _closure(stage: str, needs: dict[str, list[str]]) -> set[str]:

@@ -177,6 +177,19 @@ def test_time_budget_stops_inside_sft_and_the_next_call_continues(model_dir, tmp
         == list(range(1, 7))
 
 
+def test_an_unfinished_stage_started_with_other_settings_restarts(model_dir, tmp_path, monkeypatch):
+    cfg = bed_config(model_dir)
+    out = tmp_path / "run"
+    # the budget runs out once the CLT has written its first checkpoint (after its first slice)
+    monkeypatch.setattr(realbed._Budget, "spent", lambda self: (out / "clt" / "checkpoint" / "state.json").exists())
+    part = realbed.build_realbed(out, config=cfg, stages=("clt",), time_budget_s=10, progress=False)
+    assert set(part.done) == {"distill", "sft"} and (out / "clt" / "checkpoint" / "state.json").exists()
+    monkeypatch.undo()
+    cfg.clt = CLTTrainConfig.from_dict({**cfg.clt.to_dict(), "lr": cfg.clt.lr / 2})
+    bed = realbed.build_realbed(out, config=cfg, stages=("clt",), progress=False)   # no "different config" error
+    assert bed.finished and bed.done["clt"]["train_tokens"] == cfg.clt.total_tokens
+
+
 def test_clear_errors(model_dir, tmp_path):
     with pytest.raises(RealbedError, match="unknown realbed size 'huge'"):
         RealbedConfig.preset("huge")
