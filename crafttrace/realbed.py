@@ -141,10 +141,10 @@ class RealbedConfig:
                                       chunk_passes=3, eval_tokens=4096, checkpoint_every=40, seed=seed),
                    measure=MeasureConfig(gsm8k_tokens=128),
                    n_corpus_texts=3000 if size == "default" else 12000,
-                   # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost ~45 s
-                   # a prompt here, ~60 prompts), 4 strengths, 60 MMLU items per capability check
-                   ablation={"influence_path": "grad", "strengths": [1.0, 2.0, 4.0, 8.0], "n_capability": 60,
-                             "n_plain": 16, "max_new_tokens": 12})
+                   # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost 2-3 min
+                   # a prompt here, ~70 prompts), 2 strengths, 40 MMLU items per capability check (~15 min)
+                   ablation={"influence_path": "grad", "strengths": [2.0, 8.0], "bundle_sizes": [3],
+                             "n_capability": 40, "n_plain": 12, "max_new_tokens": 10})
 
     def to_dict(self) -> dict[str, Any]:
         return runs._jsonable(self)
