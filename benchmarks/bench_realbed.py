@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         for f in ("ablation.md", "ablation.json", "boundary.json", "scatter.png", "sweep.png", "layers.png"):
             if (bed.out_dir / "ablation" / f).exists():
                 shutil.copyfile(bed.out_dir / "ablation" / f, dest / f)
-        result["ablation_files"] = str(dest.relative_to(Path(args.results).parent.parent)) \
-            if dest.is_relative_to(Path(args.results).parent.parent) else str(dest)
+        result["ablation_files"] = str(dest.relative_to(RESULTS.parents[2])) \
+            if dest.is_relative_to(RESULTS.parents[2]) else str(dest)
     runs.write_json(stem.with_suffix(".json"), result)
     runs.atomic_write_text(stem.with_suffix(".md"), render(result))
     print(render(result))
