@@ -117,10 +117,13 @@ def render(result: dict) -> str:
                   "the LoRA delta."]
         if s.get("calibration"):
             c = s["calibration"]
-            L += ["", f"Strength calibration on validation prompts ({c['n_harmful']} held-out AdvBench, {c['n_benign']} "
+            sc = result["config"]["safety"]
+            pool = (f"{sc.get('calibration_pool')} {sc.get('calibration_split') or ''}".strip()
+                    if sc.get("calibration_pool") else "held-out AdvBench")
+            L += ["", f"Strength calibration on validation prompts ({c['n_harmful']} {pool}, {c['n_benign']} "
                       f"validation AlpacaEval; target refusal >= {c['target_refusal']}, over-refusal <= "
                       f"{c['max_over_refusal']}): chose {c['chosen_scale']} ({c['reason']}).", "",
-                  "| scale | refusal (AdvBench val) | over-refusal (AlpacaEval val) |", "|---|---|---|",
+                  f"| scale | refusal ({pool}) | over-refusal (AlpacaEval val) |", "|---|---|---|",
                   *[f"| {r['scale']} | {r['refusal']:.3f} | {r['over_refusal']:.3f} |" for r in c["rows"]]]
     if "clt" in result:
         c = result["clt"]
