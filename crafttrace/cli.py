@@ -31,9 +31,13 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _is_testbed(model: str) -> bool:
+    return model == "testbed" or model.startswith("testbed:")
+
+
 def load(model: str, transcoder: Optional[str] = None, need_transcoder: bool = True):
     """(LoadedModel, transcoder or None) for a model spec; testbed specs carry their CLT."""
-    if model == "testbed" or model.startswith("testbed:"):
+    if _is_testbed(model):
         import torch
         from .testbed import load_testbed
         # The testbed's matrices are ~100 wide: intra-op threads only add synchronisation (10x slower
@@ -204,7 +208,7 @@ def ablation(model: str = MODEL, transcoder: Optional[str] = TRANSCODER,
 def _run_ablation(model, transcoder, config, out, rank_only=False, influence_path=None, extra=None, demo=False):
     from .ablation import REAL_TEXT, AblationConfig, render_markdown, run_ablation
     d = {k: v for k, v in AblationConfig.demo().__dict__.items()} if demo else {}
-    if not (model == "testbed" or model.startswith("testbed:")):
+    if not _is_testbed(model):
         d.update(REAL_TEXT)   # real text: data set pools instead of the testbed's synthetic ones
     d.update(_config(config))
     d.update(extra or {})
@@ -347,7 +351,7 @@ def direction(model: str = MODEL, harmful: str = "testbed:harmful_train", benign
     loaded, _ = load(model, None, need_transcoder=False)
     h, b = _pools(harmful, benign, limit)
     cfg = _config(config)
-    if model == "testbed" or model.startswith("testbed:"):
+    if _is_testbed(model):
         # A 3-layer model's refusal direction moves benign next-token KL past Arditi's 0.1 limit (0.66
         # measured on seed 0); the testbed keeps the filter but at 1.0.
         cfg.setdefault("max_kl", 1.0)
@@ -392,7 +396,7 @@ def compare(base: str = typer.Option(..., help="base model spec"), tuned: str = 
 def _rank_for(model, transcoder, out):
     """A Ranking for monitor/audit/drift: runs the ranking stage into OUT (cached effects make reruns cheap)."""
     from .ablation import REAL_TEXT, AblationConfig, run_ablation
-    d = {} if (model == "testbed" or model.startswith("testbed:")) else dict(REAL_TEXT)
+    d = {} if _is_testbed(model) else dict(REAL_TEXT)
     loaded, clt = load(model, transcoder)
     res = run_ablation(loaded, clt, AblationConfig.from_dict(d), out, cache_key=f"{model}|{transcoder}",
                        rank_only=True)

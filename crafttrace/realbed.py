@@ -268,23 +268,18 @@ def build_realbed(out_dir: str | Path | None = None, size: str = "default", seed
     order = [s for s in STAGES if s in wanted or any(s in _closure(w, needs) for w in wanted)]
     for stage in order:
         marker = _marker(out, stage)
-        if marker.exists():
-            rec = runs.read_json(marker)
-            if rec.get("key") == keys[stage]:
-                bed.done[stage] = rec
-                continue
-            # written for other settings: its outputs are stale; start the stage afresh
-            print(f"realbed: stage {stage!r} in {out} was built with other settings; rebuilding it", file=sys.stderr)
-            marker.unlink()
-            _clear(out, stage, keep_checkpoint=rec.get("train_key") == keys["sft_train"])
         progress_file = out / "stages" / f"{stage}.progress.json"
-        prev = runs.read_json(progress_file) if progress_file.exists() else {}
-        if prev and prev.get("key") != keys[stage]:
-            # an unfinished earlier attempt with other settings: its checkpoints cannot be resumed
-            print(f"realbed: unfinished stage {stage!r} in {out} was started with other settings; restarting it",
-                  file=sys.stderr)
+        rec = runs.read_json(marker) if marker.exists() else None
+        if rec is not None and rec.get("key") == keys[stage]:
+            bed.done[stage] = rec
+            continue
+        prev = rec or (runs.read_json(progress_file) if progress_file.exists() else None)
+        if prev is not None and prev.get("key") != keys[stage]:
+            # finished or started with other settings: its outputs and checkpoints are stale; start afresh
+            print(f"realbed: stage {stage!r} in {out} was built with other settings; rebuilding it", file=sys.stderr)
+            marker.unlink(missing_ok=True)
+            progress_file.unlink(missing_ok=True)
             _clear(out, stage, keep_checkpoint=prev.get("train_key") == keys["sft_train"])
-            progress_file.unlink()
         if budget.spent():
             break
         t0 = time.perf_counter()
@@ -394,11 +389,11 @@ def _run_sft(ctx: _Context, budget: _Budget) -> dict | None:
     from crafttrace.safety import DISTILL_FILE, calibration_prompts, train_safety
 
     benign = read_records(ctx.out / "sft" / DISTILL_FILE)
+    sp = ctx.splits()
+    harmful_val, benign_val = calibration_prompts(ctx.cfg.safety, sp)
     while True:
         # a fresh copy of the base each slice: train_safety merges into the model it is given
         loaded = load_model(ctx.cfg.base)
-        sp = ctx.splits()
-        harmful_val, benign_val = calibration_prompts(ctx.cfg.safety, sp)
         res = train_safety(loaded, sp.harmful_train, benign, ctx.cfg.safety, ctx.out / "sft",
                            max_steps=ctx.cfg.sft_slice_steps if budget.seconds is not None else None,
                            progress=ctx.progress, harmful_val=harmful_val, benign_val=benign_val)
