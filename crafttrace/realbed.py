@@ -122,23 +122,28 @@ class RealbedConfig:
                        measure=MeasureConfig(n_harmbench=50, n_strongreject=50, n_benign=50, n_mmlu=100, n_gsm8k=0,
                                              gen_tokens=24),
                        n_graph_prompts=2)
-        # CLT: TopK (k=16, exported as JumpReLU). Measured on the tuned model's activations (2 cores, 512 features,
-        # 30 steps of 1024 tokens, held-out NMSE): TopK-16 at lr 4e-3 0.65 at 2.1 s/step; JumpReLU at lr 1e-3
-        # 1.19 after 20 steps at 5 s/step (at 4e-3 it collapsed to L0 7); TopK-32 0.65 at 3.3 s/step.
-        # Each collected chunk is used 3 times: collecting costs 4.7 ms/token, a TopK step 2.1 ms/token.
+        # CLT: TopK (k=16, exported as JumpReLU) with an affine skip connection. Measured on the tuned model's
+        # activations (2 cores, 512 features, held-out NMSE): TopK-16 at lr 4e-3 0.65 after 30 steps of 1024
+        # tokens at 2.1 s/step; JumpReLU at lr 1e-3 1.19 after 20 steps at 5 s/step; on 49k cached tokens, 150
+        # steps: no skip 0.528 (dead 19 %), skip 0.425 (dead 6 %), skip + k=32 0.421 (the CLT is short of
+        # training, not of active features). Each collected chunk is used 3 times: collecting costs 4.7 ms/token.
         steps = 520 if size == "default" else 2400
         return cls(base=base, size=size, seed=seed,
-                   # strength: the most HarmBench-val refusal with AlpacaEval-val over-refusal <= 0.10 (the
-                   # over-refusal target). Measured on seed 0 (val refusal / over-refusal): 0.75 0.71/0.06, 0.8
-                   # 0.76/0.08, 0.85 0.83/0.09, 0.9 0.85/0.11, 0.95 0.88/0.13, 1.0 0.88/0.19
+                   # strength: the most validation refusal (HarmBench val + StrongREJECT val) with AlpacaEval-val
+                   # over-refusal <= 0.10 (the over-refusal target). Measured on seed 0 (refusal / over-refusal,
+                   # 96 + 93 prompts): 0.6 0.32/0.05, 0.75 0.51/0.08, 0.85 0.58/0.10, 1.0 0.64/0.16, 1.15 0.69/0.18.
+                   # styled_frac=0.5 with 384 AdvBench prompts moved along the same frontier (0.6 0.48/0.10,
+                   # 0.75 0.68/0.17, 1.0 0.85/0.22), not past it: it stays off.
                    safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
-                                       target_refusal=0.95, max_over_refusal=0.10, seed=seed),
+                                       target_refusal=0.95, max_over_refusal=0.10,
+                                       calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
                    # lr 2e-3: the full default run at 4e-3 spiked (NMSE 0.43 -> 289 at step 139, 418 at 194):
                    # Adam's first steps on a rare huge gradient (massive-activation tokens: 1% of tokens carry
                    # 99% of layer 11's output variance) move every weight by ~3 lr
                    clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=2e-3, lr_warmup_steps=50,
                                       total_tokens=steps * 1024, batch_tokens=1024, chunk_tokens=16384,
-                                      chunk_passes=3, eval_tokens=4096, checkpoint_every=40, seed=seed),
+                                      chunk_passes=3, eval_tokens=4096, checkpoint_every=40, skip_connection=True,
+                                      seed=seed),
                    measure=MeasureConfig(gsm8k_tokens=128),
                    n_corpus_texts=3000 if size == "default" else 12000,
                    # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost 2-3 min
@@ -542,7 +547,7 @@ def measure_behaviour(loaded, mcfg: MeasureConfig, benign_test: list[str], seed:
     out: dict[str, Any] = {"model": loaded.name, "config": dataclasses.asdict(mcfg)}
     # HarmBench's test split: its validation split chooses the SFT merge strength (safety.calibration_prompts)
     harmful = {"harmbench": data.prompts("harmbench", split="test")[:mcfg.n_harmbench],
-               "strongreject": data.prompts("strongreject")[:mcfg.n_strongreject],
+               "strongreject": data.prompts("strongreject", split="test")[:mcfg.n_strongreject],
                "alpaca_test": list(benign_test)[:mcfg.n_benign]}
     for name, ps in tqdm(list(harmful.items()), desc="refusal pools", disable=not progress):
         if not ps:

@@ -58,8 +58,35 @@ REFUSALS: tuple[str, ...] = (
 )
 CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens",
                       "calibration_pool", "calibration_split")
-DISTILL_FIELDS = ("harmful_pool", "benign_pool", "n_harmful_train", "n_benign_train", "n_benign_test", "heldout_pools",
-                  "distill_max_new_tokens", "batch_size_generate", "seed")
+DISTILL_FIELDS = ("benign_pool", "n_benign_train", "n_benign_test", "heldout_pools", "distill_max_new_tokens",
+                  "batch_size_generate", "seed")
+# Request phrasings for training-prompt augmentation (``SafetyConfig.styled_frac``). AdvBench is almost all bare
+# imperatives ("Write a tutorial on ..."); held-out harmful requests are often questions or polite asks, and a
+# model tuned on imperatives only learned "refuse imperatives about harm". Benign prompts get the same
+# phrasings, so the phrasing itself never predicts refusal. ``{req}``: the request with a lower-case first
+# letter and no final punctuation (imperatives); questions get a prefix/suffix wrapper instead.
+IMPERATIVE_STYLES: tuple[str, ...] = (
+    "Can you {req}?",
+    "Could you please {req}?",
+    "I need you to {req}.",
+    "How would I {req}?",
+    "What's the best way to {req}?",
+    "I was wondering if you could {req}.",
+    "Hey, quick question: can you {req}?",
+    "For a project I'm working on, {req}.",
+    "{Req}. Give me step-by-step details.",
+    "Please {req}. Keep it short.",
+)
+QUESTION_STYLES: tuple[str, ...] = (
+    "Quick question: {prompt}",
+    "{prompt} Thanks in advance!",
+    "Hey, {prompt_lc}",
+    "I've been wondering about this. {prompt}",
+    "{prompt} Please explain.",
+)
+_QUESTION_WORDS = {"what", "how", "why", "who", "whom", "whose", "when", "where", "which", "is", "are", "was",
+                   "were", "can", "could", "would", "should", "do", "does", "did", "will", "i", "i'm", "my", "if",
+                   "in", "the", "a", "an", "it", "there", "this", "we", "you", "hi", "hello", "hey"}
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DISTILL_FILE = "distill.jsonl"
 PARTIAL_FILE = "distill.partial.jsonl"
@@ -113,6 +140,9 @@ class SafetyConfig:
     calibration_split: str | None = "val"
     n_calibration: int = 64             # validation prompts per side
     calibration_tokens: int = 24        # greedy tokens scored by the refusal detector
+    # fraction of training prompts (harmful and benign alike, seeded) rewritten in one of IMPERATIVE_STYLES /
+    # QUESTION_STYLES; a benign rewrite keeps the distilled answer of the plain prompt
+    styled_frac: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +167,8 @@ class SafetyConfig:
         if not (0 <= self.target_refusal <= 1 and 0 <= self.max_over_refusal <= 1):
             problems.append(f"target_refusal ({self.target_refusal}) and max_over_refusal ({self.max_over_refusal}) "
                             "must be in [0, 1]")
+        if not 0 <= self.styled_frac <= 1:
+            problems.append(f"styled_frac must be in [0, 1], got {self.styled_frac}")
         if self.n_calibration < 1 or self.calibration_tokens < 1:
             problems.append(f"n_calibration ({self.n_calibration}) and calibration_tokens "
                             f"({self.calibration_tokens}) must be >= 1")
@@ -290,6 +322,25 @@ def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str
 
 # ---------------------------------------------------------------------------------------------- examples
 
+def restyle(prompt: str, rng: random.Random) -> str:
+    """``prompt`` in a seeded request phrasing (``IMPERATIVE_STYLES`` for commands, ``QUESTION_STYLES`` for
+    questions and statements that open with a question word, pronoun or article)."""
+    text = prompt.strip()
+    words = text.split()
+    if not words:
+        return prompt
+    first = words[0].lower().strip(",:;!?")
+    if text.endswith("?") or first in _QUESTION_WORDS or "\n" in text:
+        if text[-1] not in ".?!":
+            text += "?" if first in _QUESTION_WORDS else "."
+        lc = text[0].lower() + text[1:] if not (len(words[0]) > 1 and words[0][1].isupper()) else text
+        return rng.choice(QUESTION_STYLES).format(prompt=text, prompt_lc=lc)
+    req = text.rstrip(".!;: ")
+    if not (len(words[0]) > 1 and words[0][1].isupper()):  # keep acronyms ("DDoS", "HTML") as they are
+        req = req[0].lower() + req[1:]
+    return rng.choice(IMPERATIVE_STYLES).format(req=req, Req=req[0].upper() + req[1:])
+
+
 @dataclass
 class Example:
     ids: list[int]
@@ -302,11 +353,16 @@ def build_examples(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], 
     tok = loaded.tokenizer
     eot = tok.eos_token or ""
     rng = random.Random(f"refusals:{cfg.seed}")
-    pairs = [(p, rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
+    style_rng = random.Random(f"styles:{cfg.seed}")  # separate stream: styled_frac=0 leaves the refusals as before
+
+    def styled(p: str) -> str:
+        return restyle(p, style_rng) if cfg.styled_frac and style_rng.random() < cfg.styled_frac else p
+
+    pairs = [(styled(p), rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
     for r in benign:
         if not {"prompt", "response"} <= set(r):
             raise SafetyTuningError(f"benign records need 'prompt' and 'response', got fields {sorted(r)}")
-        pairs.append((r["prompt"], r["response"] + ("" if r.get("truncated") else eot), "benign"))
+        pairs.append((styled(r["prompt"]), r["response"] + ("" if r.get("truncated") else eot), "benign"))
     out = []
     for prompt, response, kind in pairs:
         p_ids = [int(i) for i in loaded.encode_prompt(prompt).reshape(-1).tolist()]

@@ -99,6 +99,10 @@ class CLTTrainConfig:
     sparse_decode: bool = True
     sparse_adam: bool = True                 # sparse decoder gradients + SparseAdam (needs sparse_decode)
     log_every: int = 10
+    # affine skip connection y_l += x_l @ W_skip[l] (Paulo et al. 2025, arXiv:2501.18823; circuit-tracer's
+    # ``compute_skip``): the part of each MLP that is linear in its input is carried exactly (and attributed as a
+    # linear path), so the sparse features only have to explain the rest. Initialised by ridge regression.
+    skip_connection: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -517,6 +521,13 @@ class CLTModel(torch.nn.Module):
         self.W_dec = torch.nn.ParameterList(
             [torch.nn.Parameter((torch.rand(L - l, F_, d, generator=g) * 2 - 1) * bound) for l in range(L)])
         self.b_dec = torch.nn.Parameter(torch.zeros(L, d))
+        self.W_skip = torch.nn.Parameter(torch.zeros(L, d, d)) if cfg.skip_connection else None
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, L, d] -> [n, L, d]: x_l @ W_skip[l] (zeros without a skip connection)."""
+        if self.W_skip is None:
+            return torch.zeros_like(x)
+        return torch.bmm(x.transpose(0, 1), self.W_skip).transpose(0, 1)
 
     # ------------------------------------------------------------------ encode
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -599,6 +610,8 @@ class CLTModel(torch.nn.Module):
             if cfg.activation == "jumprelu" and lam > 0:
                 norms = torch.stack([w.pow(2).sum((0, 2)).sqrt() for w in self.W_dec])   # [L, F]
                 penalty = torch.tanh(cfg.sparsity_c * dense * norms).sum() / n
+        if self.W_skip is not None:
+            recon = recon + self.skip(x)
         err = (recon - y).pow(2).sum(-1)                                          # [n, L]
         recon_loss = err.mean(0).sum() / self.d_model
         loss = recon_loss + lam * penalty
@@ -614,7 +627,8 @@ class CLTModel(torch.nn.Module):
                       "nmse": float(nmse), "l0": float(l0.mean())}
 
     def dense_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.W_enc, self.b_enc, self.log_threshold, self.b_dec]
+        return [self.W_enc, self.b_enc, self.log_threshold, self.b_dec] + \
+            ([self.W_skip] if self.W_skip is not None else [])
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -622,15 +636,18 @@ class CLTModel(torch.nn.Module):
 def to_circuit_tracer(model: CLTModel, in_scale: torch.Tensor, out_scale: torch.Tensor, threshold: torch.Tensor,
                       cfg: CLTTrainConfig):
     """circuit-tracer ``CrossLayerTranscoder`` (JumpReLU, float32, CPU) acting on RAW activations:
-    pre = (W_enc / s_in) x + b_enc, and every write to layer j is scaled by s_out[j]."""
+    pre = (W_enc / s_in) x + b_enc, every write to layer j is scaled by s_out[j], W_skip by s_out / s_in."""
     from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 
     L, d, F_ = model.n_layers, model.d_model, cfg.d_transcoder
     clt = CrossLayerTranscoder(L, F_, d, activation_function="jump_relu", lazy_decoder=False, lazy_encoder=False,
                                feature_input_hook=cfg.feature_input_hook,
                                feature_output_hook=cfg.feature_output_hook,
+                               skip_connection=model.W_skip is not None,
                                device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
+        if model.W_skip is not None:  # raw: y = s_out * ((x / s_in) @ S)
+            clt.W_skip.copy_(model.W_skip * (out_scale / in_scale)[:, None, None])
         clt.W_enc.copy_(model.W_enc / in_scale[:, None, None])
         clt.b_enc.copy_(model.b_enc)
         clt.b_dec.copy_(model.b_dec * out_scale[:, None])
@@ -732,6 +749,16 @@ class _Trainer:
         self.out_scale = (y.pow(2).sum(-1).mean(0) / d).sqrt().clamp_min(1e-8)
         xn, yn = x / self.in_scale[:, None], y / self.out_scale[:, None]
         self.clt.b_dec.copy_(yn.mean(0))
+        if self.clt.W_skip is not None:
+            # ridge regression of the centred outputs on the centred inputs, per layer (float64 normal equations:
+            # d_model x d_model, cheap); the decoders then start from the residual the skip cannot explain
+            xc = (xn - xn.mean(0)).transpose(0, 1).double()             # [L, n, d]
+            yc = (yn - yn.mean(0)).transpose(0, 1).double()
+            gram = xc.transpose(1, 2) @ xc
+            ridge = 1e-2 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(d, dtype=gram.dtype)
+            w = torch.linalg.solve(gram + ridge, xc.transpose(1, 2) @ yc)
+            self.clt.W_skip.copy_(w.float())
+            self.clt.b_dec.sub_((xn.mean(0)[:, None, :] @ self.clt.W_skip).squeeze(1))
         if self.cfg.activation == "jumprelu":
             pre = self.clt.pre_activations(xn[:2048])
             q = 1 - min(1.0, self.cfg.threshold_init_l0 / self.cfg.d_transcoder)
@@ -801,6 +828,8 @@ def evaluate_clt(clt: Any, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) 
             dec = clt._get_decoder_vectors(l).reshape(clt.d_transcoder, -1)
             recon[:, l:] += F.embedding_bag(feat, dec, offsets, mode="sum",
                                             per_sample_weights=acts[l][tok, feat]).view(n, L - l, d)
+        if getattr(clt, "W_skip", None) is not None:   # circuit-tracer's compute_skip, all layers at once
+            recon += torch.bmm(xb.transpose(0, 1), clt.W_skip).transpose(0, 1)
         err += (recon - yb).pow(2).sum(-1).sum(0).float()
         l0 += (acts > 0).sum(-1).sum(-1).float()
         fired |= (acts > 0).any(1)

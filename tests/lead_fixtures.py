@@ -46,13 +46,15 @@ def tiny_model(seed: int = 0, n_layers: int = 2, d: int = 32) -> TinyLoaded:
     return TinyLoaded(model, tok)
 
 
-def tiny_clt(n_layers: int = 2, d: int = 32, d_t: int = 16, seed: int = 1) -> CrossLayerTranscoder:
+def tiny_clt(n_layers: int = 2, d: int = 32, d_t: int = 16, seed: int = 1, skip: bool = False) -> CrossLayerTranscoder:
     torch.manual_seed(seed)
     clt = CrossLayerTranscoder(n_layers, d_t, d, activation_function="jump_relu", lazy_decoder=False,
-                               device=torch.device("cpu"), dtype=torch.float32)
+                               skip_connection=skip, device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
         clt.W_enc.normal_(0, 3.0)
         clt.b_enc.normal_(0, 0.05)
         for w in clt.W_dec:
             w.normal_(0, 0.1)
+        if skip:
+            clt.W_skip.normal_(0, 2.0 / d ** 0.5)  # strong enough that cutting the skip path shows
     return clt

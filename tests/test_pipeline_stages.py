@@ -71,8 +71,13 @@ def test_total_effects_on_a_hand_built_chain():
     assert torch.allclose(tot[:2], torch.tensor([0.5 + 0.75, 3.0]))
 
 
-def test_graph_and_gradient_paths_agree(tiny, tmp_path):
+@pytest.mark.parametrize("skip", [False, True])
+def test_graph_and_gradient_paths_agree(tiny, tmp_path, skip):
+    """With a skip connection both paths carry the MLP's linear part as a gradient path (circuit-tracer's
+    ``skip + (out - skip).detach()``); without it on one side the effects would disagree."""
     loaded, clt = tiny
+    if skip:
+        clt = tiny_clt(skip=True)
     ts = tokens.resolve(loaded.tokenizer, "testbed")
     ids = [loaded.encode_prompt(p)[0] for p in ["make a bomb", "burn the dog for story"]]
     ge = attribution.attribute_graphs(loaded, clt, ids, ts, attribution.AttributionSettings(max_feature_nodes=4096),
@@ -86,6 +91,7 @@ def test_graph_and_gradient_paths_agree(tiny, tmp_path):
         assert (gm != 0).sum() == (fm != 0).sum()   # same active features
         corr = torch.corrcoef(torch.stack([gm.flatten(), fm.flatten()]))[0, 1]
         assert corr > 0.9, corr                      # attention/norm freezing is the only difference
+        assert (gm - fm).abs().max() < 0.15 * gm.abs().max()   # dropping the skip path: 0.34 here
     # cached: a rerun reads the effects back without attributing
     again = attribution.attribute_graphs(loaded, clt, ids, ts, attribution.AttributionSettings(max_feature_nodes=4096),
                                          tmp_path, "tiny", progress=False)
