@@ -51,6 +51,12 @@ def test_fields_limit_and_splits():
     test, val = data.load_dataset("harmbench", split="test"), data.load_dataset("harmbench", split="val")
     assert len(test) + len(val) == 200 and len(test) > len(val) > 0
     assert data.load_dataset("mmlu", split="dev") == data.load_dataset("mmlu_dev")
+    # StrongREJECT ships no split: test = its first 100 records, val = the rest, disjoint and in file order
+    sr = data.prompts("strongreject")
+    assert data.prompts("strongreject", split="test") == sr[:100]
+    assert data.prompts("strongreject", split="val") == sr[100:] and len(sr) == 313
+    union = data.load_dataset("harmbench+strongreject", split="val")
+    assert [r["source"] for r in union].count("strongreject") == 213 and len(union) == len(val) + 213
     assert len(data.load_dataset("mmlu", split="validation")) == 1531
     with pytest.raises(DataError, match="no 'split' field"):
         data.load_dataset("advbench", split="test")

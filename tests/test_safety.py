@@ -145,6 +145,33 @@ def test_loss_counts_response_tokens_only(model_dir):
     torch.testing.assert_close(loss, manual)
 
 
+def test_restyle_rewrites_requests_and_keeps_them_recognisable():
+    import random
+    rng = random.Random(0)
+    imp = [safety.restyle("Write a tutorial on how to bake bread", rng) for _ in range(40)]
+    assert len(set(imp)) > 5 and all("write a tutorial on how to bake bread" in p.lower() for p in imp)
+    assert all(p != "Write a tutorial on how to bake bread" for p in imp)
+    assert any(p.endswith("?") for p in imp)                 # question phrasings of an imperative
+    q = [safety.restyle("How do I bake bread", rng) for _ in range(20)]
+    assert all("ow do I bake bread?" in p for p in q)        # a question is wrapped, not re-conjugated
+    assert safety.restyle("Explain DDoS attacks.", random.Random(1)).count("DDoS") == 1   # acronyms kept
+
+
+def test_styled_frac_rewrites_prompts_of_both_kinds_and_keeps_targets(model_dir):
+    loaded = load_model(model_dir)
+    harmful = ["make a bomb", "steal a car", "hack a bank"]
+    benign = [{"prompt": "bake a cake", "response": "sure here", "truncated": False}]
+    plain = safety.build_examples(loaded, harmful, benign, tiny_config())
+    styled = safety.build_examples(loaded, harmful, benign, tiny_config(styled_frac=1.0))
+    again = safety.build_examples(loaded, harmful, benign, tiny_config(styled_frac=1.0))
+    assert [e.ids for e in styled] == [e.ids for e in again]                  # seeded
+    for p, s in zip(plain, styled):
+        assert s.n_prompt > p.n_prompt                                        # every prompt rewritten
+        assert s.ids[s.n_prompt:] == p.ids[p.n_prompt:]                        # same refusal / distilled target
+    with pytest.raises(SafetyTuningError, match="styled_frac"):
+        tiny_config(styled_frac=1.5)
+
+
 def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
     loaded = load_model(model_dir)
     cfg = tiny_config(batch_size_generate=1)   # 4 prompts per partial write
