@@ -131,8 +131,9 @@ class SafetyConfig:
     # s keeps the most prompts near the decision boundary (CRaFT needs them); one scale = no calibration.
     # Measured reason (benchmarks/results/smollm2_safety): training strength moves refusal and over-refusal
     # together. Calibration prompts: HarmBench's validation split (41; the refusal measurements use its test
-    # split) -- held-out AdvBench (calibration_pool "") was 98% refused at a strength where HarmBench and
-    # StrongREJECT were 67% refused, too easy to choose by.
+    # split); the realbed preset adds StrongREJECT's validation split ("harmbench+strongreject": 254 prompts,
+    # the measurements use StrongREJECT's first 100) -- held-out AdvBench (calibration_pool "") was 98% refused
+    # at a strength where HarmBench and StrongREJECT were 67% refused, too easy to choose by.
     merge_scales: tuple[float, ...] = (1.0,)
     target_refusal: float = 0.9
     max_over_refusal: float = 0.05
