@@ -127,7 +127,11 @@ def render(result: dict) -> str:
                   *[f"| {r['scale']} | {r['refusal']:.3f} | {r['over_refusal']:.3f} |" for r in c["rows"]]]
     if "clt" in result:
         c = result["clt"]
-        L += ["", f"CLT: NMSE mean {c['nmse_mean']:.3f} (total {c['nmse_total']:.3f}), L0 mean {c['l0_mean']:.1f}, dead "
+        cc = result["config"]["clt"]
+        L += ["", f"CLT ({cc['d_transcoder']} features/layer, {cc['activation']}"
+                  + (f" k={cc['k']}" if cc["activation"] == "topk" else "")
+                  + (", affine skip connection" if cc.get("skip_connection") else "") + "): "
+                  f"NMSE mean {c['nmse_mean']:.3f} (total {c['nmse_total']:.3f}), L0 mean {c['l0_mean']:.1f}, dead "
                   f"fraction {c['dead_fraction']:.3f}, {c['train_tokens']} training tokens ({c['n_texts']} texts).",
               "", "NMSE per layer: " + ", ".join(f"{x:.2f}" for x in c["nmse_per_layer"])]
     if "graphs" in result:
@@ -147,6 +151,10 @@ def render(result: dict) -> str:
     for s, v in result["stages"].items():
         L.append(f"| {s} | {_f(v.get('seconds_total', v.get('seconds_so_far')), '.0f')} | "
                  f"{v.get('finished_at', 'not finished')} |")
+    build = [v.get("seconds_total") for s, v in result["stages"].items() if s in realbed.DEFAULT_STAGES]
+    if build and all(x is not None for x in build) and len(build) == len(realbed.DEFAULT_STAGES):
+        L += ["", f"Default stages (the one-command build, without the opt-in ablation): {sum(build):.0f} s = "
+                  f"{sum(build) / 60:.1f} min (budget 90 min)."]
     return "\n".join(L) + "\n"
 
 

@@ -756,8 +756,10 @@ class _Trainer:
             yc = (yn - yn.mean(0)).transpose(0, 1).double()
             gram = xc.transpose(1, 2) @ xc
             ridge = 1e-2 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(d, dtype=gram.dtype)
-            w = torch.linalg.solve(gram + ridge, xc.transpose(1, 2) @ yc)
-            self.clt.W_skip.copy_(w.float())
+            # one layer at a time: batched linalg.solve (MKL LU) fails on 2 threads with torch 2.13 ("Pivots
+            # given to lu_solve must all be greater or equal to 1"; measured on [30, 576, 576] float64)
+            for l in range(self.clt.n_layers):
+                self.clt.W_skip[l].copy_(torch.linalg.solve(gram[l] + ridge[l], xc[l].T @ yc[l]).float())
             self.clt.b_dec.sub_((xn.mean(0)[:, None, :] @ self.clt.W_skip).squeeze(1))
         if self.cfg.activation == "jumprelu":
             pre = self.clt.pre_activations(xn[:2048])
