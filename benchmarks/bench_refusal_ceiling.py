@@ -8,10 +8,10 @@ thresholded to 10 % false positives on validation AlpacaEval, and reports the fr
 prompts above the threshold -- what a refusal rule of this kind would refuse at the over-refusal target. It
 also reports AUROC on the validation pool (HarmBench val + StrongREJECT val vs AlpacaEval val) per layer.
 
-    python benchmarks/bench_refusal_ceiling.py --seed 0 --threads 1
+    python benchmarks/bench_refusal_ceiling.py --seed 0 --threads 2
 
 Writes ``benchmarks/results/smollm2_safety/refusal_ceiling_seed<seed>.{json,md}``. Prompts are scored one at a
-time (no padding effects); about 6 minutes on one core.
+time (no padding effects); 765 s on 2 cores beside other jobs.
 """
 
 from __future__ import annotations
