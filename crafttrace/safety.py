@@ -331,13 +331,14 @@ def restyle(prompt: str, rng: random.Random) -> str:
     if not words:
         return prompt
     first = words[0].lower().strip(",:;!?")
+    acronym = len(words[0]) > 1 and words[0][1].isupper()   # "DDoS", "HTML": keep the capital
     if text.endswith("?") or first in _QUESTION_WORDS or "\n" in text:
         if text[-1] not in ".?!":
             text += "?" if first in _QUESTION_WORDS else "."
-        lc = text[0].lower() + text[1:] if not (len(words[0]) > 1 and words[0][1].isupper()) else text
+        lc = text if acronym else text[0].lower() + text[1:]
         return rng.choice(QUESTION_STYLES).format(prompt=text, prompt_lc=lc)
     req = text.rstrip(".!;: ")
-    if not (len(words[0]) > 1 and words[0][1].isupper()):  # keep acronyms ("DDoS", "HTML") as they are
+    if not acronym:
         req = req[0].lower() + req[1:]
     return rng.choice(IMPERATIVE_STYLES).format(req=req, Req=req[0].upper() + req[1:])
 
