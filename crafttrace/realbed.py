@@ -126,8 +126,11 @@ class RealbedConfig:
         # activations (2 cores, 512 features, held-out NMSE): TopK-16 at lr 4e-3 0.65 after 30 steps of 1024
         # tokens at 2.1 s/step; JumpReLU at lr 1e-3 1.19 after 20 steps at 5 s/step; on 49k cached tokens, 150
         # steps: no skip 0.528 (dead 19 %), skip 0.425 (dead 6 %), skip + k=32 0.421 (the CLT is short of
-        # training, not of active features). Each collected chunk is used 3 times: collecting costs 4.7 ms/token.
-        steps = 520 if size == "default" else 2400
+        # training, not of active features); 100 steps (65k cached tokens, dense Adam): lr 2e-3 0.437, lr 4e-3
+        # with grad_clip 1.0 0.426. Each collected chunk is used 3 times: collecting costs ~4 ms/token.
+        # Dense fused Adam on the decoders: at 512 features a 1024-token step touches almost every decoder row,
+        # so SparseAdam only adds index bookkeeping (benchmarks/bench_clt_step.py).
+        steps = 576 if size == "default" else 2400
         return cls(base=base, size=size, seed=seed,
                    # strength: the most validation refusal (HarmBench val + StrongREJECT val) with AlpacaEval-val
                    # over-refusal <= 0.10 (the over-refusal target). Measured on seed 0 (refusal / over-refusal,
@@ -137,13 +140,13 @@ class RealbedConfig:
                    safety=SafetyConfig(distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10,
                                        calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
-                   # lr 2e-3: the full default run at 4e-3 spiked (NMSE 0.43 -> 289 at step 139, 418 at 194):
-                   # Adam's first steps on a rare huge gradient (massive-activation tokens: 1% of tokens carry
-                   # 99% of layer 11's output variance) move every weight by ~3 lr
-                   clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=2e-3, lr_warmup_steps=50,
-                                      total_tokens=steps * 1024, batch_tokens=1024, chunk_tokens=16384,
-                                      chunk_passes=3, eval_tokens=4096, checkpoint_every=40, skip_connection=True,
-                                      seed=seed),
+                   # lr 4e-3 needs the gradient clip: unclipped, the full default run spiked (NMSE 0.43 -> 289 at
+                   # step 139): Adam's first steps on a rare huge gradient (massive-activation tokens) move every
+                   # weight by ~3 lr. 576 steps = 12 chunks of 16,384 collected tokens, 3 passes each.
+                   clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, grad_clip=1.0,
+                                      lr_warmup_steps=50, total_tokens=steps * 1024, batch_tokens=1024,
+                                      chunk_tokens=16384, chunk_passes=3, eval_tokens=4096, checkpoint_every=48,
+                                      skip_connection=True, sparse_adam=False, seed=seed),
                    measure=MeasureConfig(gsm8k_tokens=128),
                    n_corpus_texts=3000 if size == "default" else 12000,
                    # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost 2-3 min
@@ -438,7 +441,9 @@ def _run_clt(ctx: _Context, budget: _Budget) -> dict | None:
     loaded = ctx.tuned()
     texts = clt_texts(loaded, ctx.cfg, ctx.splits(), read_records(ctx.out / "sft" / DISTILL_FILE))
     c = ctx.cfg.clt
-    slice_steps = ctx.cfg.clt_slice_chunks * (c.chunk_tokens // c.batch_tokens) if budget.seconds is not None else None
+    # slices end on chunk boundaries (a chunk serves chunk_passes passes): a resumed slice never re-collects
+    steps_per_chunk = (c.chunk_tokens // c.batch_tokens) * c.chunk_passes
+    slice_steps = ctx.cfg.clt_slice_chunks * steps_per_chunk if budget.seconds is not None else None
     while True:
         res = train_clt(loaded, texts, c, ctx.out / "clt", max_steps=slice_steps, progress=ctx.progress)
         if res.metrics["finished"]:

@@ -103,6 +103,9 @@ class CLTTrainConfig:
     # ``compute_skip``): the part of each MLP that is linear in its input is carried exactly (and attributed as a
     # linear path), so the sparse features only have to explain the rest. Initialised by ridge regression.
     skip_connection: bool = False
+    # clip the global gradient norm (0 = off). Massive-activation tokens give rare huge gradients; without a
+    # clip Adam's first steps on one move every weight by ~lr and lr 4e-3 diverged on the tuned SmolLM2
+    grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,6 +129,8 @@ class CLTTrainConfig:
             problems.append(f"eval_tokens must be >= 1, got {self.eval_tokens}")
         if self.bandwidth <= 0 or self.lr <= 0:
             problems.append(f"bandwidth ({self.bandwidth}) and lr ({self.lr}) must be > 0")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.sparse_adam and not self.sparse_decode:
             problems.append("sparse_adam needs sparse_decode=True (dense decode gives dense gradients)")
         if problems:
@@ -723,6 +728,18 @@ def _lambda(step: int, cfg: CLTTrainConfig) -> float:
     return cfg.sparsity_coef * min(1.0, (step + 1) / ramp)
 
 
+def _clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+    """Global-norm clipping that also takes SparseAdam's sparse COO gradients (``clip_grad_norm_`` does not).
+    Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = sum(float((g.coalesce().values() if g.is_sparse else g).float().pow(2).sum()) for g in grads)
+    norm = math.sqrt(sq)
+    if norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 class _Trainer:
     def __init__(self, n_layers: int, d_model: int, cfg: CLTTrainConfig):
         self.cfg = cfg
@@ -776,6 +793,8 @@ class _Trainer:
             opt.zero_grad(set_to_none=True)
         loss, info = self.clt.loss(xn, yn, _lambda(self.step, cfg), sparse_grad=self.sparse_grad)
         loss.backward()
+        if cfg.grad_clip > 0:
+            info["grad_norm"] = _clip_grad_norm(self.clt.parameters(), cfg.grad_clip)
         for opt in self.opts:
             opt.step()
         self.step += 1

@@ -274,6 +274,32 @@ def test_config_roundtrip_and_validation(tmp_path):
         CLTTrainConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="sparse_adam needs sparse_decode"):
         CLTTrainConfig(sparse_decode=False, sparse_adam=True)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        CLTTrainConfig(grad_clip=-1.0)
+
+
+@pytest.mark.parametrize("sparse_adam", [False, True])
+def test_grad_clip_bounds_the_global_norm_for_dense_and_sparse_gradients(sparse_adam):
+    """One step on a huge-target batch: the reported norm is the unclipped one, and the gradients the optimizer
+    sees have global norm == grad_clip (SparseAdam's COO decoder gradients included)."""
+    from crafttrace.training import _Trainer
+
+    cfg = CLTTrainConfig(d_transcoder=24, activation="topk", k=3, skip_connection=True, grad_clip=0.5,
+                         sparse_adam=sparse_adam, batch_tokens=32, chunk_tokens=32, total_tokens=64)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, generator=g), torch.randn(32, 3, 8, generator=g)
+    tr = _Trainer(3, 8, cfg)
+    tr.initialise_from(x, y)
+    seen = []
+    for opt in tr.opts:   # record the gradients as the optimizer receives them
+        opt.register_step_pre_hook(lambda o, a, k: seen.extend(
+            (p.grad.coalesce().values() if p.grad.is_sparse else p.grad).clone()
+            for grp in o.param_groups for p in grp["params"] if p.grad is not None))
+    info = tr.train_step(x, 1e3 * y)
+    assert info["grad_norm"] > 10 * cfg.grad_clip
+    total = sum(float(t.pow(2).sum()) for t in seen) ** 0.5
+    assert total == pytest.approx(cfg.grad_clip, rel=1e-4)
+    assert tr.clt.W_dec[0].grad.is_sparse == sparse_adam
 
 
 def test_read_texts_by_dataset_name(texts, monkeypatch):
