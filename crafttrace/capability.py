@@ -419,6 +419,114 @@ def ifeval(loaded: LoadedLike, limit: int | None = None, steering: AbstractConte
     return [all(ifeval_check(r, resp)) for r, resp in zip(recs, responses)]
 
 
+# --------------------------------------------------------------------------- language-model fidelity
+# MMLU and GSM8K sit at chance / zero for a 135M model, so they cannot show a capability loss there. These
+# checks can: the next-token loss on held-out English text, and how well a tuned model still predicts (and
+# reproduces) the base model's own greedy answers to held-out benign requests. Hand-written because they are a
+# few lines on top of the model's logits; lm-eval-harness would bring a second model-loading path.
+
+@torch.inference_mode()
+def sequence_nll(loaded: LoadedLike, sequences: Sequence[torch.Tensor], starts: Sequence[int],
+                 batch_size: int = 8, desc: str = "scoring") -> tuple[list[float], list[int]]:
+    """Per sequence: the summed next-token NLL (nats) of ``seq[start:]`` given everything before it, and the
+    number of tokens scored. Right-padded batches, so positions are never shifted."""
+    if len(sequences) != len(starts):
+        raise ValueError(f"{len(sequences)} sequences but {len(starts)} start offsets")
+    for i, (seq, st) in enumerate(zip(sequences, starts)):
+        if not 1 <= st < len(seq):
+            raise ValueError(f"sequence {i}: start {st} must be in [1, {len(seq) - 1}] (length {len(seq)})")
+    sums, counts = [0.0] * len(sequences), [len(s) - st for s, st in zip(sequences, starts)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    pad, device = _pad_id(loaded.tokenizer), next(loaded.model.parameters()).device
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
+        idx = order[b:b + batch_size]
+        T = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :len(sequences[i])], mask[r, :len(sequences[i])] = sequences[i], 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+        for r, i in enumerate(idx):
+            sums[i] = float(nll[r, starts[i] - 1:len(sequences[i]) - 1].sum())
+    return sums, counts
+
+
+def text_nll(loaded: LoadedLike, texts: Sequence[str], max_tokens: int = 128,
+             batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Per passage: summed NLL of its first ``max_tokens`` tokens after the first (with the tokenizer's own
+    special tokens), and the count."""
+    seqs = []
+    for i, t in enumerate(texts):
+        ids = loaded.tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"text {i} has {len(ids)} token(s); need >= 2 to score a next token: {t[:40]!r}")
+        seqs.append(torch.tensor(ids))
+    return sequence_nll(loaded, seqs, [1] * len(seqs), batch_size, desc="text NLL")
+
+
+def answer_nll(loaded: LoadedLike, prompts: Sequence[str], answers: Sequence[str],
+               batch_size: int = 8) -> tuple[list[float], list[int]]:
+    """Per item: summed NLL of ``answer`` as the assistant's reply to ``prompt`` (chat template), and its length."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    seqs, starts = [], []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        prompt_ids = loaded.encode_prompt(p)[0]
+        ans = loaded.tokenizer(a, add_special_tokens=False)["input_ids"]
+        if not ans:
+            raise ValueError(f"answer {i} is empty: nothing to score")
+        seqs.append(torch.cat([prompt_ids, torch.tensor(ans, dtype=prompt_ids.dtype)]))
+        starts.append(len(prompt_ids))
+    return sequence_nll(loaded, seqs, starts, batch_size, desc="answer NLL")
+
+
+def paired_nll(base: tuple[Sequence[float], Sequence[int]], new: tuple[Sequence[float], Sequence[int]],
+               n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Token-weighted NLL per token for base and new, their perplexities, and the difference new - base with a
+    95 % bootstrap interval over items (the same items and token counts on both sides)."""
+    (bs, bc), (ns, nc) = base, new
+    if list(bc) != list(nc) or len(bs) != len(ns) or not bc:
+        raise ValueError("paired_nll needs the same non-empty items with the same token counts on both sides")
+    bs, ns, c = torch.tensor(bs, dtype=torch.float64), torch.tensor(ns, dtype=torch.float64), torch.tensor(bc, dtype=torch.float64)
+    b, n = float(bs.sum() / c.sum()), float(ns.sum() / c.sum())
+    idx = torch.randint(len(c), (n_boot, len(c)), generator=torch.Generator().manual_seed(seed))
+    boot = ((ns[idx] - bs[idx]).sum(1) / c[idx].sum(1)).sort().values
+    return {"base_nll": b, "new_nll": n, "base_ppl": math.exp(b), "new_ppl": math.exp(n), "delta_nll": n - b,
+            "delta_ci_low": float(boot[int(0.025 * n_boot)]), "delta_ci_high": float(boot[int(0.975 * n_boot) - 1]),
+            "n_items": len(c), "n_tokens": int(c.sum())}
+
+
+def lm_fidelity(base: LoadedLike, new: LoadedLike, texts: Sequence[str], prompts: Sequence[str],
+                max_text_tokens: int = 128, answer_tokens: int = 48, batch_size: int = 8) -> dict[str, Any]:
+    """How much of the base model's language modelling a tuned model keeps:
+
+    * ``text``: NLL per token on held-out passages (base vs new, paired);
+    * ``answers``: NLL per token of the *base model's* greedy answers to held-out requests, under each model;
+    * ``greedy_agreement``: fraction of requests where the new model's greedy answer equals the base model's,
+      and the mean fraction of the answer (in base-answer tokens) that matches before the first difference."""
+    if not texts or not prompts:
+        raise ValueError(f"lm_fidelity needs texts and prompts (got {len(texts)} texts, {len(prompts)} prompts)")
+    out: dict[str, Any] = {"text": paired_nll(text_nll(base, texts, max_text_tokens, batch_size),
+                                              text_nll(new, texts, max_text_tokens, batch_size))}
+    base_ans = generate(base, prompts, answer_tokens, desc="base answers")
+    new_ans = generate(new, prompts, answer_tokens, desc="tuned answers")
+    keep = [i for i, a in enumerate(base_ans) if a]   # an empty answer (immediate end of turn) has no tokens to score
+    p, a = [prompts[i] for i in keep], [base_ans[i] for i in keep]
+    out["answers"] = paired_nll(answer_nll(base, p, a, batch_size), answer_nll(new, p, a, batch_size)) if keep else None
+    tok = base.tokenizer
+    prefix = []
+    for b_, n_ in zip(base_ans, new_ans):
+        bt, nt = tok(b_, add_special_tokens=False)["input_ids"], tok(n_, add_special_tokens=False)["input_ids"]
+        k = next((j for j, (x, y) in enumerate(zip(bt, nt)) if x != y), min(len(bt), len(nt)))
+        prefix.append(k / max(1, len(bt)) if bt != nt else 1.0)
+    out["greedy_agreement"] = {"exact": sum(b_ == n_ for b_, n_ in zip(base_ans, new_ans)) / len(prompts),
+                               "mean_matching_prefix": sum(prefix) / len(prefix), "n_prompts": len(prompts),
+                               "answer_tokens": answer_tokens, "empty_base_answers": len(prompts) - len(keep)}
+    return out
+
+
 # --------------------------------------------------------------------------- generic task
 
 class CapabilityTask(Protocol):

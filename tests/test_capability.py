@@ -1,5 +1,7 @@
 """Paired statistics against known values, IFEval checkers, and the tasks on a tiny random chat model."""
 
+import copy
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -8,9 +10,9 @@ from lead_fixtures import TinyLoaded
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crafttrace.capability import (IFEVAL_CHECKERS, Task, _records, compare, extract_final_number, gsm8k,
-                                   ifeval, ifeval_check, ifeval_supported, mcnemar_exact, mmlu, mmlu_prompt,
-                                   paired_run, wilson)
+from crafttrace.capability import (IFEVAL_CHECKERS, Task, _records, answer_nll, compare, extract_final_number,
+                                   gsm8k, ifeval, ifeval_check, ifeval_supported, lm_fidelity, mcnemar_exact, mmlu,
+                                   mmlu_prompt, paired_nll, paired_run, sequence_nll, text_nll, wilson)
 from crafttrace.data import load_dataset
 
 
@@ -186,3 +188,56 @@ def test_task_protocol_and_paired_run(loaded):
     assert len(Task("arc_challenge", limit=2)(loaded)) == 2
     with pytest.raises(ValueError, match="unknown capability task 'hellaswag'"):
         Task("hellaswag")
+
+
+# --------------------------------------------------------------------------- language-model fidelity
+
+def _manual_nll(loaded, ids: list[int], start: int) -> float:
+    """One sequence, no padding, log-softmax by hand."""
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0].float(), -1)
+    return float(-sum(logp[t - 1, ids[t]] for t in range(start, len(ids))))
+
+
+def test_sequence_and_answer_nll_match_unpadded_manual_scores(loaded):
+    seqs = [[2, 12, 13, 14, 7], [2, 19, 15], [2, 7, 8, 9, 10, 11, 12, 13]]
+    starts = [2, 1, 5]
+    sums, counts = sequence_nll(loaded, [torch.tensor(s) for s in seqs], starts, batch_size=2)  # padded batches
+    assert counts == [3, 2, 3]
+    for s, st, got in zip(seqs, starts, sums):
+        assert got == pytest.approx(_manual_nll(loaded, s, st), rel=1e-4)
+    prompt, answer = "what is the answer ?", "the answer is B ."
+    p_ids = loaded.encode_prompt(prompt)[0].tolist()
+    a_ids = loaded.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    (got,), (n,) = answer_nll(loaded, [prompt], [answer])
+    assert n == len(a_ids) == 5 and got == pytest.approx(_manual_nll(loaded, p_ids + a_ids, len(p_ids)), rel=1e-4)
+    t_sums, t_counts = text_nll(loaded, ["the answer is A", "B C D E the answer"], max_tokens=4)
+    assert t_counts == [3, 3]   # 4 tokens each, the first one is not scored
+    with pytest.raises(ValueError, match="start 3 must be in"):
+        sequence_nll(loaded, [torch.tensor([2, 7, 8])], [3])
+    with pytest.raises(ValueError, match="text 1 has 1 token"):
+        text_nll(loaded, ["the answer", "A"])
+    with pytest.raises(ValueError, match="answer 0 is empty"):
+        answer_nll(loaded, ["what ?"], [""])
+
+
+def test_paired_nll_known_values_and_identical_models(loaded):
+    r = paired_nll(([2.0, 4.0], [1, 3]), ([1.0, 1.0], [1, 3]), n_boot=500)
+    assert (r["base_nll"], r["new_nll"], r["delta_nll"]) == pytest.approx((1.5, 0.5, -1.0))
+    assert r["base_ppl"] == pytest.approx(math.exp(1.5)) and r["n_tokens"] == 4
+    assert r["delta_ci_low"] <= r["delta_nll"] <= r["delta_ci_high"]
+    with pytest.raises(ValueError, match="same token counts"):
+        paired_nll(([1.0], [2]), ([1.0], [3]))
+    f = lm_fidelity(loaded, loaded, ["the answer is A .", "B C D ,"], ["what is the answer ?", "Answer with letter"],
+                    answer_tokens=4)
+    assert f["text"]["delta_nll"] == pytest.approx(0.0, abs=1e-6)
+    assert f["greedy_agreement"]["exact"] == 1.0 and f["greedy_agreement"]["mean_matching_prefix"] == 1.0
+    with pytest.raises(ValueError, match="needs texts and prompts"):
+        lm_fidelity(loaded, loaded, [], ["x"])
+    noisy = copy.deepcopy(loaded)
+    with torch.no_grad():
+        noisy.model.lm_head.weight.add_(torch.randn(noisy.model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    g = lm_fidelity(loaded, noisy, ["the answer is A .", "B C D ,"], ["what is the answer ?"], answer_tokens=4)
+    assert abs(g["text"]["delta_nll"]) > 1e-3 and g["text"]["base_nll"] == pytest.approx(f["text"]["base_nll"])
+    if g["answers"] is not None:   # the base model's own answers are what it predicts best
+        assert g["answers"]["new_nll"] > g["answers"]["base_nll"]
