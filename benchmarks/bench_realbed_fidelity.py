@@ -15,7 +15,6 @@ Needs a built realbed (``crafttrace testbed build smollm2-safety`` or bench_real
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from crafttrace import capability, data, realbed, runs
+from crafttrace import capability, realbed, runs
 from crafttrace.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
@@ -32,8 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
 def heldout_passages(cfg: realbed.RealbedConfig, n: int) -> list[str]:
     """The last ``n`` passages of the realbed's shuffled corpus: never in its CLT texts (those are the first
     ``n_corpus_texts``), never in SFT (which uses no corpus text)."""
-    corpus = [t for t in data.prompts(cfg.corpus) if t.strip()]
-    random.Random(f"corpus:{cfg.seed}").shuffle(corpus)
+    corpus = realbed.corpus_passages(cfg)
     if n > len(corpus) - cfg.n_corpus_texts:
         raise SystemExit(f"only {len(corpus) - cfg.n_corpus_texts} held-out passages; asked for {n}")
     return corpus[len(corpus) - n:]

@@ -126,8 +126,9 @@ class RealbedConfig:
         # activations (2 cores, 512 features, held-out NMSE): TopK-16 at lr 4e-3 0.65 after 30 steps of 1024
         # tokens at 2.1 s/step; JumpReLU at lr 1e-3 1.19 after 20 steps at 5 s/step; on 49k cached tokens, 150
         # steps: no skip 0.528 (dead 19 %), skip 0.425 (dead 6 %), skip + k=32 0.421 (the CLT is short of
-        # training, not of active features); 100 steps (65k cached tokens, dense Adam): lr 2e-3 0.437, lr 4e-3
-        # with grad_clip 1.0 0.426. Each collected chunk is used 3 times: collecting costs ~4 ms/token.
+        # training, not of active features); 100 steps (65k cached tokens, dense Adam; scratch probes, not
+        # committed): lr 2e-3 0.437, lr 4e-3 with grad_clip 1.0 0.426. Each collected chunk is used 3 times:
+        # collecting costs ~4 ms/token.
         # Dense fused Adam on the decoders: at 512 features a 1024-token step touches almost every decoder row,
         # so SparseAdam only adds index bookkeeping (benchmarks/bench_clt_step.py).
         steps = 576 if size == "default" else 2400
@@ -416,14 +417,21 @@ def _run_sft(ctx: _Context, budget: _Budget) -> dict | None:
             "merge_scale": m["merge_scale"], "calibration": m.get("calibration")}
 
 
-def clt_texts(loaded, cfg: RealbedConfig, splits, distilled: list[dict]) -> list[str]:
-    """English passages plus chat-formatted harmful and benign turns, so refusal features are represented:
-    every harmful prompt of the SFT pool (AdvBench) with a refusal, the benign training prompts with the
-    distilled answers. HarmBench, StrongREJECT and the AlpacaEval test split stay unseen."""
+def corpus_passages(cfg: RealbedConfig) -> list[str]:
+    """The English corpus in the realbed's seeded order: the CLT trains on the first ``n_corpus_texts``; the
+    rest is held out (SFT uses no corpus text), e.g. for perplexity checks."""
     from crafttrace import data
 
     corpus = [t for t in data.prompts(cfg.corpus) if t.strip()]
     random.Random(f"corpus:{cfg.seed}").shuffle(corpus)
+    return corpus
+
+
+def clt_texts(loaded, cfg: RealbedConfig, splits, distilled: list[dict]) -> list[str]:
+    """English passages plus chat-formatted harmful and benign turns, so refusal features are represented:
+    every harmful prompt of the SFT pool (AdvBench) with a refusal, the benign training prompts with the
+    distilled answers. HarmBench, StrongREJECT and the AlpacaEval test split stay unseen."""
+    corpus = corpus_passages(cfg)
     eot = loaded.tokenizer.eos_token or ""
     rng = random.Random(f"clt-refusals:{cfg.seed}")
     refusals = cfg.safety.refusals or REFUSALS
@@ -615,4 +623,4 @@ def compare_measurements(base: dict, tuned: dict) -> dict:
 
 __all__ = ["RealbedConfig", "MeasureConfig", "Realbed", "RealbedError", "STAGES", "DEFAULT_STAGES", "SIZES",
            "build_realbed", "load_realbed", "read_status", "default_dir", "measure_behaviour",
-           "compare_measurements", "clt_texts"]
+           "compare_measurements", "clt_texts", "corpus_passages"]

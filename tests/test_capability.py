@@ -237,7 +237,7 @@ def test_paired_nll_known_values_and_identical_models(loaded):
     noisy = copy.deepcopy(loaded)
     with torch.no_grad():
         noisy.model.lm_head.weight.add_(torch.randn(noisy.model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
-    g = lm_fidelity(loaded, noisy, ["the answer is A .", "B C D ,"], ["what is the answer ?"], answer_tokens=4)
+    g = lm_fidelity(loaded, noisy, ["the answer is A .", "B C D ,"], ["the answer is", "A B C"], answer_tokens=4)
     assert abs(g["text"]["delta_nll"]) > 1e-3 and g["text"]["base_nll"] == pytest.approx(f["text"]["base_nll"])
-    if g["answers"] is not None:   # the base model's own answers are what it predicts best
-        assert g["answers"]["new_nll"] > g["answers"]["base_nll"]
+    assert g["answers"] is not None   # noise on the unembedding makes the base model's greedy answers less likely
+    assert g["answers"]["new_nll"] > g["answers"]["base_nll"]
