@@ -153,7 +153,7 @@ class RealbedConfig:
                    # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost 2-3 min
                    # a prompt here, ~70 prompts), 2 strengths, 40 MMLU items per capability check (~15 min)
                    ablation={"influence_path": "grad", "strengths": [2.0, 8.0], "bundle_sizes": [3],
-                             "n_capability": 40, "n_plain": 12, "max_new_tokens": 10})
+                             "n_capability": 40, "n_plain": 12, "max_new_tokens": 10, "n_ppl": 32})
 
     def to_dict(self) -> dict[str, Any]:
         return runs._jsonable(self)
@@ -521,8 +521,11 @@ def _run_ablation(ctx: _Context, budget: _Budget) -> dict | None:
                                      "seed": ctx.cfg.seed, **ctx.cfg.ablation})
     loaded = ctx.tuned()
     clt = load_transcoder(ctx.out / "clt" / "transcoder")
+    # the language-modelling check reads corpus passages the CLT never trained on
+    held_out = corpus_passages(ctx.cfg)[ctx.cfg.n_corpus_texts:]
     res = run_ablation(loaded, clt, acfg, ctx.out / "ablation",
-                       cache_key=runs.content_hash("realbed", _stage_keys(ctx.cfg)["clt"]), progress=ctx.progress)
+                       cache_key=runs.content_hash("realbed", _stage_keys(ctx.cfg)["clt"]), progress=ctx.progress,
+                       ppl_texts=held_out)
     return {"ablation_json": str(ctx.out / "ablation" / "ablation.json"), "wall_seconds": res["wall_seconds"],
             "rows": [{k: r.get(k) for k in ("mode", "features", "asr_at_preserved_capability", "preserved_strength",
                                              "max_asr_any_strength")} for r in res["rows"]]}

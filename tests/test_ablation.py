@@ -19,8 +19,9 @@ def small_run(testbed, tmp_path_factory):
     loaded, clt = testbed
     out = tmp_path_factory.mktemp("ablation")
     cfg = AblationConfig(n_boundary=12, n_cross=8, n_plain=8, strengths=(1.0, 4.0), bundle_sizes=(2,),
-                         n_capability=30, max_new_tokens=10, influence_path="grad")
-    return out, run_ablation(loaded, clt, cfg, out, progress=False)
+                         n_capability=30, max_new_tokens=10, influence_path="grad", n_ppl=12, max_nll_increase=0.05)
+    texts = [r["prompt"] for r in ablation.pool_records("testbed:benign_styled", 0)][:12]
+    return out, run_ablation(loaded, clt, cfg, out, progress=False, ppl_texts=texts)
 
 
 def test_ablation_writes_every_record(small_run):
@@ -41,6 +42,33 @@ def test_ablation_writes_every_record(small_run):
     b = json.loads((out / "boundary.json").read_text())
     assert not set(b["rank_indices"]) & set(b["eval_indices"])
     assert len(b["rank_indices"]) == len(b["eval_indices"]) == 6
+
+
+def test_language_modelling_check_gates_the_headline(small_run):
+    _, res = small_run
+    base = res["rows"][0]["curve"][0]["capability"]["lm"]
+    assert base["delta_nll"] == 0.0 and base["n_items"] == 12 and base["preserved"]
+    deltas = []
+    for r in res["rows"][1:]:
+        for c in r["curve"] + r["bundles"]:
+            cap = c["capability"]
+            assert cap["preserved"] == (cap["preserved_mcnemar"] and cap["lm"]["delta_nll"] <= 0.05)
+            assert cap["lm"]["base_nll"] == pytest.approx(base["base_nll"])
+            deltas.append(cap["lm"]["delta_nll"])
+        # the headline strength is the largest one that passes both checks
+        ok = [c["strength"] for c in r["curve"] if c["capability"]["preserved"]]
+        assert r["preserved_strength"] == (max(ok) if ok else 0.0)
+    # steering is active while the passages are scored: a 4x clamp moves some feature's NLL
+    assert max(abs(d) for d in deltas) > 0.01
+    assert "NLL" in res["headline_definition"]
+
+
+def test_ppl_passages_are_seeded_and_checked():
+    a = ablation.ppl_passages(AblationConfig(n_ppl=5, seed=1))
+    assert a == ablation.ppl_passages(AblationConfig(n_ppl=5, seed=1)) and len(a) == 5
+    assert a != ablation.ppl_passages(AblationConfig(n_ppl=5, seed=2))
+    with pytest.raises(ValueError, match="n_ppl asks for"):
+        ablation.ppl_passages(AblationConfig(n_ppl=10**7))
 
 
 def test_testbed_baseline_behaviour(small_run):
