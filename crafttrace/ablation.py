@@ -39,7 +39,8 @@ from .steering import FeatureSteer, steer
 # StrongREJECT: neither is trained on by crafttrace.safety), cross-group contrast from AdvBench vs AlpacaEval.
 REAL_TEXT = {"token_set": "extended", "boundary_pool": "harmbench+strongreject", "plain_pool": "strongreject",
              "harmful_pool": "advbench", "benign_pool": "alpaca_eval", "capability": "mmlu",
-             "attribution_batch_size": 16}   # bounded memory for circuit-tracer's backward on real models
+             "attribution_batch_size": 16,   # bounded memory for circuit-tracer's backward on real models
+             "n_ppl": 32}                    # language modelling too: small models sit at chance on MMLU
 
 
 @dataclass
