@@ -154,8 +154,11 @@ class RealbedConfig:
                    # a prompt here, ~70 prompts), 4 strengths, 40 MMLU items + 32 held-out passages per capability
                    # check. 0.5x and 1x: with the language-modelling check every mode's 2x already raised held-out
                    # NLL by more than 0.1 nats/token (+0.11 to +8.3, session 5), so [2, 8] left nothing preserved.
+                   # every boundary-critical prompt (80 under the extended set at seed 0): 40 rank, 40 evaluate;
+                   # with 24 evaluation prompts the modes' Wilson intervals overlapped
                    ablation={"influence_path": "grad", "strengths": [0.5, 1.0, 2.0, 8.0], "bundle_sizes": [3],
-                             "n_capability": 40, "n_plain": 12, "max_new_tokens": 10, "n_ppl": 32})
+                             "n_capability": 40, "n_plain": 12, "max_new_tokens": 10, "n_ppl": 32,
+                             "n_boundary": 80})
 
     def to_dict(self) -> dict[str, Any]:
         return runs._jsonable(self)

@@ -63,6 +63,38 @@ def test_language_modelling_check_gates_the_headline(small_run):
     assert "NLL" in res["headline_definition"]
 
 
+def test_paired_tests_compare_modes_on_the_same_prompts(small_run):
+    _, res = small_run
+    tests = res["paired_tests"]
+    assert [(t["mode"], t["versus"]) for t in tests][:4] == [(m, "no_attack") for m in ranking.MODES]
+    assert len(tests) == 7 and all(t["mode"] == "influence_boundary" for t in tests[4:])
+    n = res["n_eval_boundary"]
+    for t in tests:
+        assert t["only_mode"] - t["only_versus"] == round((t["asr"] - t["asr_versus"]) * n)
+        assert 0.0 <= t["mcnemar_p"] <= 1.0
+    rows = {r["mode"]: r for r in res["rows"]}
+    for t in tests[:4]:
+        if rows[t["mode"]]["preserved_strength"] == 0.0:   # scored as no attack: identical outcomes
+            assert t["only_mode"] == t["only_versus"] == 0 and t["mcnemar_p"] == 1.0
+
+
+def test_paired_tests_by_hand():
+    def row(mode, strength, success):
+        return {"mode": mode, "preserved_strength": strength,
+                "curve": [{"strength": strength, "boundary": {"success": success}}]}
+    base = [False] * 10
+    rows = [row("no_attack", 0.0, base), row("activation_cross_group", 1.0, [True] * 2 + [False] * 8),
+            row("activation_boundary", 1.0, base), row("influence_cross_group", 1.0, [True] * 10),
+            row("influence_boundary", 1.0, [True] * 9 + [False])]
+    t = {(x["mode"], x["versus"]): x for x in ablation.paired_tests(rows)}
+    assert t[("influence_cross_group", "no_attack")]["only_mode"] == 10
+    assert t[("influence_cross_group", "no_attack")]["mcnemar_p"] == pytest.approx(2 / 2 ** 10)
+    x = t[("influence_boundary", "activation_cross_group")]
+    assert (x["only_mode"], x["only_versus"], x["asr"], x["asr_versus"]) == (7, 0, 0.9, 0.2)
+    assert x["mcnemar_p"] == pytest.approx(2 / 2 ** 7)
+    assert t[("influence_boundary", "influence_cross_group")]["only_versus"] == 1
+
+
 def test_ppl_passages_are_seeded_and_checked():
     a = ablation.ppl_passages(AblationConfig(n_ppl=5, seed=1))
     assert a == ablation.ppl_passages(AblationConfig(n_ppl=5, seed=1)) and len(a) == 5
