@@ -251,8 +251,11 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     if not plain_pool:
         raise ValueError(f"plain pool {cfg.plain_pool!r} has no prompt outside the boundary selection")
     plain_recs = sample_records(plain_pool, cfg.n_plain, rng)
-    harm_recs = sample_records(pool_records(cfg.harmful_pool, cfg.seed), cfg.n_cross, rng)
-    ben_recs = sample_records(pool_records(cfg.benign_pool, cfg.seed), cfg.n_cross, rng)
+    # the cross-group contrast gets its own rng: drawn from ``rng`` it changed with n_boundary (the shuffle above
+    # consumes it), and so did the cross-group modes' chosen features (measured on the realbed, 24 vs 40 prompts)
+    cross_rng = random.Random(f"cross-group:{cfg.seed}")
+    harm_recs = sample_records(pool_records(cfg.harmful_pool, cfg.seed), cfg.n_cross, cross_rng)
+    ben_recs = sample_records(pool_records(cfg.benign_pool, cfg.seed), cfg.n_cross, cross_rng)
 
     # 3. activations and effects
     ids = {k: n_prompt(v) for k, v in (("rank", rank_recs), ("eval", eval_recs), ("plain", plain_recs),

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from crafttrace import ablation, ranking
 from crafttrace.ablation import AblationConfig, run_ablation
@@ -93,6 +94,19 @@ def test_paired_tests_by_hand():
     assert (x["only_mode"], x["only_versus"], x["asr"], x["asr_versus"]) == (7, 0, 0.9, 0.2)
     assert x["mcnemar_p"] == pytest.approx(2 / 2 ** 7)
     assert t[("influence_boundary", "influence_cross_group")]["only_versus"] == 1
+
+
+def test_cross_group_contrast_does_not_depend_on_the_boundary_split(testbed, tmp_path):
+    # the harmful/benign contrast sample has its own rng: keeping more boundary prompts must not change it
+    loaded, clt = testbed
+    scores = []
+    for n in (8, 12):
+        cfg = AblationConfig(n_boundary=n, n_cross=6, n_plain=4, influence_path="grad")
+        rk = run_ablation(loaded, clt, cfg, tmp_path / f"n{n}", progress=False, rank_only=True)["ranking_object"]
+        scores.append(rk.scores)
+    for mode in ("activation_cross_group", "influence_cross_group"):
+        assert torch.equal(scores[0][mode], scores[1][mode]), mode
+    assert not torch.equal(scores[0]["activation_boundary"], scores[1]["activation_boundary"])
 
 
 def test_ppl_passages_are_seeded_and_checked():
