@@ -186,8 +186,7 @@ def sample_records(recs: list[dict], n: int, rng: random.Random) -> list[dict]:
 def ppl_passages(cfg: AblationConfig) -> list[str]:
     """The first ``n_ppl`` non-empty passages of ``ppl_pool`` in an order seeded by ``cfg.seed``."""
     from . import data
-    texts = [t for t in data.prompts(cfg.ppl_pool) if t.strip()]
-    random.Random(f"ablation-ppl:{cfg.seed}").shuffle(texts)
+    texts = data.shuffled_texts(cfg.ppl_pool, f"ablation-ppl:{cfg.seed}")
     if len(texts) < cfg.n_ppl:
         raise ValueError(f"ppl pool {cfg.ppl_pool!r} has {len(texts)} passages; n_ppl asks for {cfg.n_ppl}")
     return texts[:cfg.n_ppl]

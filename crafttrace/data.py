@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -571,6 +572,14 @@ def prompts(name_or_path: str, limit: int | None = None, split: str | None = Non
         out.append(v)
     return out
 
+
+
+def shuffled_texts(name_or_path: str, key: str) -> list[str]:
+    """The non-empty prompt strings of a data set in an order seeded by ``key`` (a string, so callers can keep
+    their orders independent: the realbed's CLT corpus, the ablation's perplexity passages)."""
+    texts = [t for t in prompts(name_or_path) if t.strip()]
+    random.Random(key).shuffle(texts)
+    return texts
 
 def list_datasets() -> list[dict]:
     """One row per registered data set: name, kind, items, licence, where (local | cache | fetch | missing)."""

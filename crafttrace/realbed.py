@@ -427,9 +427,7 @@ def corpus_passages(cfg: RealbedConfig) -> list[str]:
     rest is held out (SFT uses no corpus text), e.g. for perplexity checks."""
     from crafttrace import data
 
-    corpus = [t for t in data.prompts(cfg.corpus) if t.strip()]
-    random.Random(f"corpus:{cfg.seed}").shuffle(corpus)
-    return corpus
+    return data.shuffled_texts(cfg.corpus, f"corpus:{cfg.seed}")
 
 
 def clt_texts(loaded, cfg: RealbedConfig, splits, distilled: list[dict]) -> list[str]:
