@@ -28,15 +28,6 @@ from crafttrace.models import load_model
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
 
 
-def heldout_passages(cfg: realbed.RealbedConfig, n: int) -> list[str]:
-    """The last ``n`` passages of the realbed's shuffled corpus: never in its CLT texts (those are the first
-    ``n_corpus_texts``), never in SFT (which uses no corpus text)."""
-    corpus = realbed.corpus_passages(cfg)
-    if n > len(corpus) - cfg.n_corpus_texts:
-        raise SystemExit(f"only {len(corpus) - cfg.n_corpus_texts} held-out passages; asked for {n}")
-    return corpus[len(corpus) - n:]
-
-
 def render(r: dict) -> str:
     t, a, g = r["fidelity"]["text"], r["fidelity"]["answers"], r["fidelity"]["greedy_agreement"]
     L = [f"# Language-model fidelity: base vs safety-tuned {r['base']} ({r['size']}, seed {r['seed']})", "",
@@ -75,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the realbed at {bed.out_dir} has no finished sft stage; build it first")
     from crafttrace.safety import make_splits
     prompts = make_splits(bed.config.safety).benign_test[:args.n_prompts]
-    texts = heldout_passages(bed.config, args.n_texts)
+    texts = realbed.heldout_passages(bed.config, args.n_texts)
     base, tuned = load_model(bed.config.base), load_model(bed.model_dir)
     fid = capability.lm_fidelity(base, tuned, texts, prompts, max_text_tokens=args.text_tokens,
                                  answer_tokens=args.answer_tokens)

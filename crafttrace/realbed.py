@@ -435,6 +435,17 @@ def corpus_passages(cfg: RealbedConfig) -> list[str]:
     return data.shuffled_texts(cfg.corpus, f"corpus:{cfg.seed}")
 
 
+def heldout_passages(cfg: RealbedConfig, n: int | None = None) -> list[str]:
+    """The corpus passages the CLT never trained on (the rest after its first ``n_corpus_texts``; SFT uses no
+    corpus text), in the same seeded order; the first ``n`` if given. The one source of held-out English for
+    the language-modelling checks (the ablation's, the fidelity benchmark's)."""
+    held = corpus_passages(cfg)[cfg.n_corpus_texts:]
+    if n is not None and n > len(held):
+        raise RealbedError(f"only {len(held)} held-out corpus passages (corpus {cfg.corpus!r} minus "
+                           f"n_corpus_texts={cfg.n_corpus_texts}); asked for {n}")
+    return held if n is None else held[:n]
+
+
 def clt_texts(loaded, cfg: RealbedConfig, splits, distilled: list[dict]) -> list[str]:
     """English passages plus chat-formatted harmful and benign turns, so refusal features are represented:
     every harmful prompt of the SFT pool (``safety.harmful_pool``) with a refusal, the benign training prompts with the
@@ -530,10 +541,9 @@ def _run_ablation(ctx: _Context, budget: _Budget) -> dict | None:
     loaded = ctx.tuned()
     clt = load_transcoder(ctx.out / "clt" / "transcoder")
     # the language-modelling check reads corpus passages the CLT never trained on
-    held_out = corpus_passages(ctx.cfg)[ctx.cfg.n_corpus_texts:]
     res = run_ablation(loaded, clt, acfg, ctx.out / "ablation",
                        cache_key=runs.content_hash("realbed", _stage_keys(ctx.cfg)["clt"]), progress=ctx.progress,
-                       ppl_texts=held_out)
+                       ppl_texts=heldout_passages(ctx.cfg))
     return {"ablation_json": str(ctx.out / "ablation" / "ablation.json"), "wall_seconds": res["wall_seconds"],
             "rows": [{k: r.get(k) for k in ("mode", "features", "asr_at_preserved_capability", "preserved_strength",
                                              "max_asr_any_strength")} for r in res["rows"]]}
@@ -634,4 +644,4 @@ def compare_measurements(base: dict, tuned: dict) -> dict:
 
 __all__ = ["RealbedConfig", "MeasureConfig", "Realbed", "RealbedError", "STAGES", "DEFAULT_STAGES", "SIZES",
            "build_realbed", "load_realbed", "read_status", "default_dir", "measure_behaviour",
-           "compare_measurements", "clt_texts", "corpus_passages"]
+           "compare_measurements", "clt_texts", "corpus_passages", "heldout_passages"]

@@ -112,6 +112,21 @@ def test_clt_texts_hold_chat_turns_and_no_evaluation_prompts(built):
     assert not any(p in t for t in chat for p in held_out if len(p) > 20)
 
 
+def test_heldout_passages_are_disjoint_from_the_clt_corpus(built):
+    out, bed = built
+    loaded, _ = bed.load()
+    from crafttrace.safety import make_splits
+    texts = realbed.clt_texts(loaded, bed.config, make_splits(bed.config.safety),
+                              data.read_records(out / "sft" / "distill.jsonl"))
+    held = realbed.heldout_passages(bed.config)
+    corpus = realbed.corpus_passages(bed.config)
+    assert held == corpus[20:] and len(held) == len(corpus) - 20 > 1000
+    assert not set(held) & set(texts[:20]) and texts[:20] == corpus[:20]
+    assert realbed.heldout_passages(bed.config, 5) == held[:5]
+    with pytest.raises(RealbedError, match=rf"only {len(held)} held-out corpus passages.*asked for"):
+        realbed.heldout_passages(bed.config, len(held) + 1)
+
+
 def test_changed_clt_settings_rebuild_only_what_depends_on_them(built, model_dir, tmp_path):
     import shutil
     out = tmp_path / "run"
