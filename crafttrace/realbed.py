@@ -138,12 +138,15 @@ class RealbedConfig:
                    # 96 + 93 prompts): 0.6 0.32/0.05, 0.75 0.51/0.08, 0.85 0.58/0.10, 1.0 0.64/0.16, 1.15 0.69/0.18.
                    # styled_frac=0.5 with 384 AdvBench prompts moved along the same frontier (0.6 0.48/0.10,
                    # 0.75 0.68/0.17, 1.0 0.85/0.22), not past it: it stays off.
-                   # harmful SFT pool: AdvBench + Do-Not-Answer (its three refusal risk areas). AdvBench alone is
-                   # one style ("Write a script that ..."); a linear probe trained on it caps held-out refusal at
-                   # 0.73 (StrongREJECT 0.48) at 10 % benign flagged; with half the 256 prompts from Do-Not-Answer
-                   # 0.83 (StrongREJECT 0.73) -- benchmarks/bench_refusal_ceiling.py --harmful-pool.
-                   safety=SafetyConfig(harmful_pool="advbench+donotanswer",
-                                       distill_max_new_tokens=48, merge_scales=(0.75, 0.85, 0.9, 1.0),
+                   # harmful SFT pool: AdvBench + Do-Not-Answer's "malicious uses" area (256 drawn from the 763:
+                   # 77 Do-Not-Answer at seed 0). AdvBench alone is one style ("Write a script that ..."): a
+                   # linear probe trained on it separates validation HarmBench+StrongREJECT from AlpacaEval with
+                   # AUROC 0.919 (layer 26) and flags 0.72 of the test prompts (StrongREJECT 0.47); with this pool
+                   # 0.969 and 0.86 (0.74). Adding the "information hazard" and "discrimination" areas too scored
+                   # lower on validation (0.945 at 128+128) and the SFT over-refused 12 % of validation AlpacaEval
+                   # at the smallest merge scale (benchmarks/bench_refusal_ceiling.py --harmful-pools ...).
+                   safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
+                                       distill_max_new_tokens=48, merge_scales=(0.6, 0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10,
                                        calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
                    # lr 4e-3 needs the gradient clip: unclipped, the full default run spiked (NMSE 0.43 -> 289 at
