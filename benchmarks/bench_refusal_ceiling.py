@@ -9,7 +9,7 @@ and reports the fraction of held-out harmful prompts above the threshold -- what
 would refuse at the over-refusal target -- plus AUROC on validation (HarmBench val + StrongREJECT val vs
 AlpacaEval val) and test per layer. Pools are compared side by side in one run on the same residuals:
 
-    python benchmarks/bench_refusal_ceiling.py --seed 0 --threads 2 --harmful-pools advbench advbench+donotanswer
+    python benchmarks/bench_refusal_ceiling.py --seed 0 --threads 2
 
 Writes ``benchmarks/results/smollm2_safety/refusal_ceiling_seed<seed>.{json,md}``. Prompts run in batches of
 16, right-padded (a causal model's last prompt token never attends to the padding after it).
@@ -33,6 +33,14 @@ from crafttrace.models import load_model
 from crafttrace.safety import SafetyConfig, calibration_prompts, make_splits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
+
+
+_DNA = "donotanswer[risk_area={}]"
+# AdvBench alone (the recipe), the realbed default (plus Do-Not-Answer's "malicious uses"), and the three
+# Do-Not-Answer areas where refusing is the expected answer
+DEFAULT_POOLS = ("advbench", "advbench+" + _DNA.format("malicious_uses"),
+                 "+".join(["advbench"] + [_DNA.format(a) for a in ("malicious_uses", "information_hazard",
+                                                                   "discrimination_exclusion_toxicity_hateful_offensive")]))
 
 
 def last_token_states(loaded, prompts: list[str], layers: list[int], hook: str, batch: int = 16) -> torch.Tensor:
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--harmful-pools", nargs="+", default=["advbench", "advbench+donotanswer"],
-                    help="harmful SFT pools to compare (data set names; '+' joins)")
+    ap.add_argument("--harmful-pools", nargs="+", default=list(DEFAULT_POOLS),
+                    help="harmful SFT pools to compare (data set names; '+' joins, name[field=value] filters)")
     ap.add_argument("--n-harmful-train", type=int, default=256, help="training prompts per pool (the realbed default)")
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 10, 14, 18, 22, 26])
     ap.add_argument("--fpr", type=float, default=0.10, help="false-positive rate on validation AlpacaEval")
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                  (argv or sys.argv[1:])),
            "seed": args.seed, "model": args.model, "hook": hook, "fpr": args.fpr,
            "n": {k: len(v) for k, v in sets.items()},
-           "train_harmful_sources": {pool: {src: sum(p in set(data.prompts(src)) for p in sp.harmful_train)
+           "train_harmful_sources": {pool: {src: len(set(sp.harmful_train) & set(data.prompts(src)))
                                             for src in pool.split("+")} for pool, sp in splits.items()},
            "pools": pools, "best_layer_by_val": {pool: b["layer"] for pool, b in best.items()},
            "wall_seconds": round(time.perf_counter() - t0, 1)}
