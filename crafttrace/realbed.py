@@ -143,8 +143,8 @@ class RealbedConfig:
                    # linear probe trained on it separates validation HarmBench+StrongREJECT from AlpacaEval with
                    # AUROC 0.919 (layer 26) and flags 0.72 of the test prompts (StrongREJECT 0.47); with this pool
                    # 0.969 and 0.86 (0.74). Adding the "information hazard" and "discrimination" areas too scored
-                   # lower on validation (0.945 at 128+128) and the SFT over-refused 12 % of validation AlpacaEval
-                   # at the smallest merge scale (benchmarks/bench_refusal_ceiling.py --harmful-pools ...).
+                   # lower on validation (0.949, 141 of 256) and the SFT over-refused 12 % of validation AlpacaEval
+                   # at the smallest merge scale (benchmarks/bench_refusal_ceiling.py, 218 s).
                    safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
                                        distill_max_new_tokens=48, merge_scales=(0.6, 0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10,
