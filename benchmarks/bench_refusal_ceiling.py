@@ -83,8 +83,9 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 
 def probe_rows(states: dict[str, torch.Tensor], train_harmful: str, layers: list[int], fpr: float,
-               l2: float) -> list[dict]:
-    """Per layer: fit on ``train_harmful`` vs ``train_benign``, threshold at ``fpr`` on ``val_benign``."""
+               l2: float, n_hb: int) -> list[dict]:
+    """Per layer: fit on ``train_harmful`` vs ``train_benign``, threshold at ``fpr`` on ``val_benign``; the first
+    ``n_hb`` test harmful prompts are HarmBench's, the rest StrongREJECT's."""
     rows = []
     for j, layer in enumerate(layers):
         xh, xb = states[train_harmful][:, j], states["train_benign"][:, j]
@@ -98,7 +99,6 @@ def probe_rows(states: dict[str, torch.Tensor], train_harmful: str, layers: list
 
         thr = torch.quantile(score("val_benign"), 1 - fpr)
         flagged = score("test_harmful") > thr
-        n_hb = states["n_test_harmbench"]
         rows.append({"layer": layer, "val_auroc": auroc(score("val_harmful"), score("val_benign")),
                      "val_tpr": float((score("val_harmful") > thr).double().mean()),
                      "test_harmful_flagged": float(flagged.double().mean()),
@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     unique = sorted({p for v in sets.values() for p in v})
     st = last_token_states(loaded, unique, args.layers, hook)
     at = {p: i for i, p in enumerate(unique)}
-    states: dict = {k: st[[at[p] for p in v]] for k, v in sets.items()}
-    states["n_test_harmbench"] = len(hb_test)
-    pools = {pool: probe_rows(states, f"train_harmful:{pool}", args.layers, args.fpr, args.l2)
+    states = {k: st[[at[p] for p in v]] for k, v in sets.items()}
+    pools = {pool: probe_rows(states, f"train_harmful:{pool}", args.layers, args.fpr, args.l2, len(hb_test))
              for pool in args.harmful_pools}
     best = {pool: max(rows, key=lambda r: r["val_auroc"]) for pool, rows in pools.items()}
     rec = {"command": "python benchmarks/bench_refusal_ceiling.py " + " ".join(shlex.quote(a) for a in

@@ -524,10 +524,11 @@ def _looks_like_path(s: str) -> bool:
 _FILTER = re.compile(r"(.+)\[(\w+)=([^\]]*)\]")
 
 
-def _base(name: str) -> str:
-    """The registered name under a record filter (``advbench`` for ``advbench[category=Fraud]``)."""
+def _registered_prompt_field(name: str) -> str | None:
+    """The prompt field of a registered data set, also under a record filter (``advbench[category=x]``)."""
     m = _FILTER.fullmatch(name)
-    return m.group(1) if m else name
+    spec = REGISTRY.get(m.group(1) if m else name)
+    return spec.prompt_field if spec else None
 
 
 def load_dataset(name_or_path: str, limit: int | None = None, split: str | None = None,
@@ -551,7 +552,7 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
             raise DataError(f"{name!r}: empty data set name in a '+' union")
         records = []
         for part in parts:
-            field_name = REGISTRY[_base(part)].prompt_field if _base(part) in REGISTRY else "prompt"
+            field_name = _registered_prompt_field(part) or "prompt"
             for r in load_dataset(part, split=split, seed=seed):
                 records.append({**r, "prompt": r.get(field_name, r.get("prompt")), "source": part})
         return records[:limit] if limit is not None else records
@@ -561,7 +562,8 @@ def load_dataset(name_or_path: str, limit: int | None = None, split: str | None 
         base, key, value = filt.groups()
         records = load_dataset(base, split=split, seed=seed)
         if not any(key in r for r in records):
-            raise DataError(f"{name!r}: records of {base!r} have no field {key!r}; fields: {sorted(records[0])}")
+            raise DataError(f"{name!r}: records of {base!r} have no field {key!r}; "
+                            f"fields: {sorted(records[0]) if records else []}")
         kept = [r for r in records if str(r.get(key)) == value]
         if not kept:
             values = sorted({str(r.get(key)) for r in records})
@@ -605,8 +607,7 @@ def prompts(name_or_path: str, limit: int | None = None, split: str | None = Non
     records = load_dataset(name, limit=limit, split=split, seed=seed)
     if not records:
         raise DataError(f"{name}: the prompt pool is empty")
-    base = _base(name) if "+" not in name else name
-    fieldname = REGISTRY[base].prompt_field if base in REGISTRY else "prompt" if "+" in name else \
+    fieldname = "prompt" if "+" in name else _registered_prompt_field(name) or \
         next((f for f in _PROMPT_FIELDS if f in records[0]), None)
     if fieldname is None and len(records[0]) == 1:
         fieldname = next(iter(records[0]))
@@ -622,13 +623,13 @@ def prompts(name_or_path: str, limit: int | None = None, split: str | None = Non
     return out
 
 
-
 def shuffled_texts(name_or_path: str, key: str) -> list[str]:
     """The non-empty prompt strings of a data set in an order seeded by ``key`` (a string, so callers can keep
     their orders independent: the realbed's CLT corpus, the ablation's perplexity passages)."""
     texts = [t for t in prompts(name_or_path) if t.strip()]
     random.Random(key).shuffle(texts)
     return texts
+
 
 def list_datasets() -> list[dict]:
     """One row per registered data set: name, kind, items, licence, where (local | cache | fetch | missing)."""
