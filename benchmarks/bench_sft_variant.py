@@ -8,6 +8,14 @@ each merge strength -- the frontier a recipe change must move. How the request-s
     python benchmarks/bench_sft_variant.py styled '{"styled_frac": 0.5, "n_harmful_train": 384}' --threads 1
     python benchmarks/bench_sft_variant.py base '{}' --threads 1   # with --copy-checkpoint: the built adapters
 
+Session 7 (Do-Not-Answer pool, n_calibration 128; 843 s at 2 threads): rewriting half of the *benign* prompts only
+into request phrasings ("How can I ...?", "Can you help me ...?") raised refusal and over-refusal together --
+s 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.66/0.10, 0.74/0.11, 0.77/0.13, 0.84/0.15, 0.87/0.22 against the built recipe's
+0.61/0.06, 0.67/0.09, 0.71/0.09, 0.79/0.11 (s 0.75-1.0) -- no better at <= 0.10 over-refusal:
+
+    python benchmarks/bench_sft_variant.py benignstyled05 '{"styled_frac": 0.5, "styled_kinds": ["benign"],
+        "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 

@@ -251,7 +251,7 @@ def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     h = runs.content_hash
     k = {"distill": h("distill", cfg.base, cfg.safety.distill_dict())}
     k["sft_train"] = h("sft", k["distill"], cfg.safety.training_dict())
-    k["sft"] = h("sft-merge", k["sft_train"], cfg.safety.to_dict())
+    k["sft"] = h("sft-merge", k["sft_train"], cfg.safety.identity_dict())
     # the base model's measurement depends on the held-out benign split, i.e. on the distillation fields only
     k["measure_base"] = h("measure", cfg.base, cfg.safety.distill_dict(), dataclasses.asdict(cfg.measure))
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))

@@ -76,6 +76,8 @@ IMPERATIVE_STYLES: tuple[str, ...] = (
     "For a project I'm working on, {req}.",
     "{Req}. Give me step-by-step details.",
     "Please {req}. Keep it short.",
+    "How can I {req}?",             # Do-Not-Answer's phrasings
+    "Can you help me {req}?",
 )
 QUESTION_STYLES: tuple[str, ...] = (
     "Quick question: {prompt}",
@@ -93,6 +95,14 @@ PARTIAL_FILE = "distill.partial.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 INFO_FILE = "crafttrace_safety.json"
+
+
+# Fields added after realbed builds were cached, with the test for "this setting changes nothing": such a field
+# is left out of the stage keys (``SafetyConfig.identity_dict``), so upgrading the toolkit keeps cached builds.
+INERT_FIELDS = {
+    "styled_kinds": lambda c: c.styled_frac == 0 or tuple(c.styled_kinds) == ("harmful", "benign"),
+    "benign_weight": lambda c: c.benign_weight == 1.0,
+}
 
 
 class SafetyTuningError(ValueError):
@@ -141,15 +151,22 @@ class SafetyConfig:
     calibration_split: str | None = "val"
     n_calibration: int = 64             # validation prompts per side
     calibration_tokens: int = 24        # greedy tokens scored by the refusal detector
-    # fraction of training prompts (harmful and benign alike, seeded) rewritten in one of IMPERATIVE_STYLES /
-    # QUESTION_STYLES; a benign rewrite keeps the distilled answer of the plain prompt
+    # fraction of training prompts (seeded) rewritten in one of IMPERATIVE_STYLES / QUESTION_STYLES; a benign
+    # rewrite keeps the distilled answer of the plain prompt. styled_kinds: which sides are rewritten -- a
+    # harmful pool that already mixes phrasings (AdvBench imperatives + Do-Not-Answer "How can I ...?")
+    # needs only the benign side rewritten to stop phrasing from predicting refusal
     styled_frac: float = 0.0
+    styled_kinds: tuple[str, ...] = ("harmful", "benign")
+    # loss weight of a benign example relative to a harmful one (weighted mean over the batch): more weight on
+    # the distilled answers without more examples (AlpacaEval has no more prompts to spare)
+    benign_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.refusals, self.lora_targets = tuple(self.refusals), tuple(self.lora_targets)
         self.merge_scales = tuple(float(x) for x in self.merge_scales)
         self.heldout_pools = tuple(self.heldout_pools)
+        self.styled_kinds = tuple(self.styled_kinds)
         problems = []
         for name in ("n_harmful_train", "n_benign_train", "epochs", "batch_size", "lora_rank",
                      "distill_max_new_tokens", "checkpoint_every", "batch_size_generate"):
@@ -170,6 +187,10 @@ class SafetyConfig:
                             "must be in [0, 1]")
         if not 0 <= self.styled_frac <= 1:
             problems.append(f"styled_frac must be in [0, 1], got {self.styled_frac}")
+        if self.benign_weight <= 0:
+            problems.append(f"benign_weight must be > 0, got {self.benign_weight}")
+        if not set(self.styled_kinds) <= {"harmful", "benign"}:
+            problems.append(f"styled_kinds must name 'harmful' and/or 'benign', got {list(self.styled_kinds)}")
         if self.n_calibration < 1 or self.calibration_tokens < 1:
             problems.append(f"n_calibration ({self.n_calibration}) and calibration_tokens "
                             f"({self.calibration_tokens}) must be >= 1")
@@ -183,10 +204,15 @@ class SafetyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity_dict(self) -> dict[str, Any]:
+        """``to_dict()`` less the later-added fields that are at a setting with no effect (``INERT_FIELDS``):
+        what cached stages and checkpoints are keyed by, so adding a field does not invalidate them."""
+        return {k: v for k, v in self.to_dict().items() if not (k in INERT_FIELDS and INERT_FIELDS[k](self))}
+
     def training_dict(self) -> dict[str, Any]:
         """The fields that decide the trained adapters (strength calibration only picks how much of them is
         merged): a checkpoint trained under one calibration setting serves another."""
-        return {k: v for k, v in self.to_dict().items() if k not in CALIBRATION_FIELDS}
+        return {k: v for k, v in self.identity_dict().items() if k not in CALIBRATION_FIELDS}
 
     def distill_dict(self) -> dict[str, Any]:
         """The fields that decide the distilled benign answers (which prompts, how many tokens)."""
@@ -357,14 +383,16 @@ def build_examples(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], 
     rng = random.Random(f"refusals:{cfg.seed}")
     style_rng = random.Random(f"styles:{cfg.seed}")  # separate stream: styled_frac=0 leaves the refusals as before
 
-    def styled(p: str) -> str:
-        return restyle(p, style_rng) if cfg.styled_frac and style_rng.random() < cfg.styled_frac else p
+    def styled(p: str, kind: str) -> str:
+        if not cfg.styled_frac or kind not in cfg.styled_kinds:
+            return p
+        return restyle(p, style_rng) if style_rng.random() < cfg.styled_frac else p
 
-    pairs = [(styled(p), rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
+    pairs = [(styled(p, "harmful"), rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
     for r in benign:
         if not {"prompt", "response"} <= set(r):
             raise SafetyTuningError(f"benign records need 'prompt' and 'response', got fields {sorted(r)}")
-        pairs.append((styled(r["prompt"]), r["response"] + ("" if r.get("truncated") else eot), "benign"))
+        pairs.append((styled(r["prompt"], "benign"), r["response"] + ("" if r.get("truncated") else eot), "benign"))
     out = []
     for prompt, response, kind in pairs:
         p_ids = [int(i) for i in loaded.encode_prompt(prompt).reshape(-1).tolist()]
@@ -393,8 +421,9 @@ def _collate(batch: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                  labels: torch.Tensor) -> torch.Tensor:
-    """Mean over examples of the mean next-token cross-entropy on each example's response tokens.
+                  labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over examples (weighted by ``weights`` [batch] if given) of the mean next-token cross-entropy on
+    each example's response tokens.
 
     The unembedding (a 49k x 576 matmul per position on SmolLM2, a fifth of the forward) is applied only at
     the positions that predict a response token, which is where the loss lives.
@@ -410,7 +439,11 @@ def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     nll = F.cross_entropy(logits, tgt[keep], reduction="none")
     row = keep.nonzero()[:, 0]
     per_example = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)
-    return (per_example / keep.sum(1).clamp_min(1)).mean()
+    per_example = per_example / keep.sum(1).clamp_min(1)
+    if weights is None:
+        return per_example.mean()
+    weights = weights.to(per_example)
+    return (weights * per_example).sum() / weights.sum()
 
 
 # -------------------------------------------------------------------------------------------------- LoRA
@@ -556,7 +589,9 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, cfg)
             opt.zero_grad(set_to_none=True)
-            loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev))
+            w = None if cfg.benign_weight == 1.0 else torch.tensor(
+                [cfg.benign_weight if examples[i].kind == "benign" else 1.0 for i in batches[step]])
+            loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev), w)
             if not torch.isfinite(loss):
                 raise SafetyTuningError(f"non-finite loss {loss.item()} at step {step}; lower lr (now {cfg.lr})")
             loss.backward()

@@ -145,6 +145,21 @@ def test_loss_counts_response_tokens_only(model_dir):
     torch.testing.assert_close(loss, manual)
 
 
+def test_benign_weight_weights_the_batch_mean(model_dir):
+    loaded = load_model(model_dir)
+    cfg = tiny_config()
+    benign = [{"prompt": "bake a cake", "response": "sure, mix flour and eggs", "truncated": False}]
+    exs = safety.build_examples(loaded, ["make a bomb"], benign, cfg)
+    ids, mask, labels = safety._collate(exs, 0)
+    each = [safety.response_loss(loaded.model, *safety._collate([e], 0)) for e in exs]
+    weighted = safety.response_loss(loaded.model, ids, mask, labels, torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(weighted, (each[0] + 3 * each[1]) / 4, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(safety.response_loss(loaded.model, ids, mask, labels), (each[0] + each[1]) / 2,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(SafetyTuningError, match="benign_weight"):
+        tiny_config(benign_weight=0)
+
+
 def test_restyle_rewrites_requests_and_keeps_them_recognisable():
     import random
     rng = random.Random(0)
@@ -170,6 +185,12 @@ def test_styled_frac_rewrites_prompts_of_both_kinds_and_keeps_targets(model_dir)
         assert s.ids[s.n_prompt:] == p.ids[p.n_prompt:]                        # same refusal / distilled target
     with pytest.raises(SafetyTuningError, match="styled_frac"):
         tiny_config(styled_frac=1.5)
+    benign_only = safety.build_examples(loaded, harmful, benign, tiny_config(styled_frac=1.0,
+                                                                             styled_kinds=("benign",)))
+    assert [e.ids for e in benign_only[:3]] == [e.ids for e in plain[:3]]   # harmful prompts untouched
+    assert benign_only[3].n_prompt > plain[3].n_prompt                      # the benign one rewritten
+    with pytest.raises(SafetyTuningError, match="styled_kinds"):
+        tiny_config(styled_kinds=("harmless",))
 
 
 def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
@@ -269,3 +290,20 @@ def test_strength_calibration_picks_the_smallest_scale_that_refuses_and_merges_a
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     with pytest.raises(SafetyTuningError, match="merge_scales"):
         tiny_config(merge_scales=(0.0,))
+
+
+def test_fields_added_later_leave_cached_stage_keys_alone():
+    """A new SafetyConfig field at its no-effect setting must not change the keys of cached builds (an upgrade
+    once silently retrained a cached SFT stage); set to something that matters, it must."""
+    plain = SafetyConfig()
+    assert set(safety.INERT_FIELDS) <= set(plain.to_dict())
+    assert not set(safety.INERT_FIELDS) & set(plain.identity_dict())
+    assert not set(safety.INERT_FIELDS) & set(SafetyConfig(styled_kinds=("benign",)).training_dict())  # frac 0
+    assert "benign_weight" in SafetyConfig(benign_weight=2.0).training_dict()
+    assert "styled_kinds" in SafetyConfig(styled_frac=0.5, styled_kinds=("benign",)).training_dict()
+    from crafttrace import realbed
+    base = realbed.RealbedConfig.preset("tiny")
+    heavier = realbed.RealbedConfig.preset("tiny")
+    heavier.safety.benign_weight = 2.0
+    k0, k1 = realbed._stage_keys(base), realbed._stage_keys(heavier)
+    assert k0["distill"] == k1["distill"] and k0["sft_train"] != k1["sft_train"]
