@@ -11,7 +11,10 @@ each merge strength -- the frontier a recipe change must move. How the request-s
 Session 7 (Do-Not-Answer pool, n_calibration 128; 843 s at 2 threads): rewriting half of the *benign* prompts only
 into request phrasings ("How can I ...?", "Can you help me ...?") raised refusal and over-refusal together --
 s 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.66/0.10, 0.74/0.11, 0.77/0.13, 0.84/0.15, 0.87/0.22 against the built recipe's
-0.61/0.06, 0.67/0.09, 0.71/0.09, 0.79/0.11 (s 0.75-1.0) -- no better at <= 0.10 over-refusal:
+0.61/0.06, 0.67/0.09, 0.71/0.09, 0.79/0.11 (s 0.75-1.0) -- no better at <= 0.10 over-refusal. Weighting the
+distilled answers 2x / 3x in the loss (``'{"benign_weight": 2.0, ...}'``, same grid, 2 x 1 thread, ~2,100 s each):
+0.59/0.07, 0.66/0.08, 0.70/0.09, 0.76/0.10, 0.84/0.14 and 0.58/0.08, 0.66/0.08, 0.68/0.08, 0.75/0.10, 0.82/0.14 --
+along the same frontier:
 
     python benchmarks/bench_sft_variant.py benignstyled05 '{"styled_frac": 0.5, "styled_kinds": ["benign"],
         "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
