@@ -442,6 +442,8 @@ def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     per_example = per_example / keep.sum(1).clamp_min(1)
     if weights is None:
         return per_example.mean()
+    if tuple(weights.shape) != (ids.shape[0],):
+        raise SafetyTuningError(f"weights must have shape [batch] = [{ids.shape[0]}], got {list(weights.shape)}")
     weights = weights.to(per_example)
     return (weights * per_example).sum() / weights.sum()
 

@@ -156,6 +156,8 @@ def test_benign_weight_weights_the_batch_mean(model_dir):
     torch.testing.assert_close(weighted, (each[0] + 3 * each[1]) / 4, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(safety.response_loss(loaded.model, ids, mask, labels), (each[0] + each[1]) / 2,
                                rtol=1e-4, atol=1e-5)
+    with pytest.raises(SafetyTuningError, match=r"shape \[batch\]"):
+        safety.response_loss(loaded.model, ids, mask, labels, torch.ones(3))
     with pytest.raises(SafetyTuningError, match="benign_weight"):
         tiny_config(benign_weight=0)
 
