@@ -14,7 +14,8 @@ s 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.66/0.10, 0.74/0.11, 0.77/0.13, 0.84/0.15, 0.
 0.61/0.06, 0.67/0.09, 0.71/0.09, 0.79/0.11 (s 0.75-1.0) -- no better at <= 0.10 over-refusal. Weighting the
 distilled answers 2x / 3x in the loss (``'{"benign_weight": 2.0, ...}'``, same grid, 2 x 1 thread, ~2,100 s each):
 0.59/0.07, 0.66/0.08, 0.70/0.09, 0.76/0.10, 0.84/0.14 and 0.58/0.08, 0.66/0.08, 0.68/0.08, 0.75/0.10, 0.82/0.14 --
-along the same frontier:
+along the same frontier. ``--measure-only`` on those two runs (s 1.0 chosen; test pools): refusal 0.85 / 0.835,
+over-refusal 0.19 / 0.19 -- twice the validation over-refusal, as for the built model (0.815 / 0.17):
 
     python benchmarks/bench_sft_variant.py benignstyled05 '{"styled_frac": 0.5, "styled_kinds": ["benign"],
         "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
@@ -28,13 +29,14 @@ import argparse
 import json
 import shutil
 import time
+from pathlib import Path
 
 import torch
 
 from crafttrace import realbed
 from crafttrace.data import read_records
 from crafttrace.models import load_model
-from crafttrace.safety import DISTILL_FILE, SafetyConfig, calibration_prompts, make_splits, train_safety
+from crafttrace.safety import DISTILL_FILE, MODEL_DIR, SafetyConfig, calibration_prompts, make_splits, train_safety
 
 PROBE = {"calibration_pool": "harmbench+strongreject", "n_calibration": 96,
          "merge_scales": (0.6, 0.75, 0.85, 1.0, 1.15), "target_refusal": 0.99, "max_over_refusal": 0.10}
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--copy-checkpoint", action="store_true",
                     help="start from the built realbed's SFT checkpoint (same training settings only)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--measure-only", action="store_true",
+                    help="skip training: measure the merged model a finished run left in --out on the held-out test "
+                         "pools (refusal on HarmBench + StrongREJECT test, over-refusal on the realbed's 100 "
+                         "AlpacaEval test prompts, MMLU 100, boundary counts; realbed.measure_behaviour)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     if [r["prompt"] for r in benign] != sp.benign_train:
         raise SystemExit("the overrides change the benign training prompts: distil them with a realbed build first")
     out = args.out or f"/tmp/crafttrace_sft_{args.name}"
+    if args.measure_only:
+        return measure_only(args.name, out, sp.benign_test)
     if args.copy_checkpoint:
         shutil.copytree(src / "sft" / "checkpoint", f"{out}/checkpoint", dirs_exist_ok=True)
     hv, bv = calibration_prompts(cfg, sp)
@@ -75,6 +83,19 @@ def main(argv: list[str] | None = None) -> dict:
     for r in m["calibration"]["rows"]:
         print("  scale", r["scale"], "refusal", round(r["refusal"], 3), "over", round(r["over_refusal"], 3))
     return m
+
+
+def measure_only(name: str, out: str, benign_test: list[str]) -> dict:
+    model_dir = Path(out) / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"no merged model in {model_dir}: run this script without --measure-only first")
+    res = realbed.measure_behaviour(load_model(model_dir), realbed.MeasureConfig(n_mmlu=100, n_gsm8k=0),
+                                    benign_test, progress=False)
+    s = res["summary"]
+    print(name, "test refusal", s["refusal_heldout_harmful"], "(HarmBench", res["harmbench"]["rate"], "StrongREJECT",
+          res["strongreject"]["rate"], ") over-refusal", s["over_refusal_benign"], "MMLU-100", s["mmlu"],
+          "boundary strict/extended", s["boundary_strict"], s["boundary_extended"])
+    return s
 
 
 if __name__ == "__main__":
