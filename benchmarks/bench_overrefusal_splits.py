@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     src = realbed.default_dir(args.size, args.seed)
-    bed = realbed.read_status(src)
-    if bed is None or "sft" not in bed.done:
+    bed = realbed.read_status(src)   # a named RealbedError when src is no realbed directory
+    if "sft" not in bed.done:
         raise SystemExit(f"no finished realbed SFT stage in {src}: build it first (benchmarks/bench_realbed.py)")
     sp = safety.make_splits(bed.config.safety)
     n_meas = bed.config.measure.n_benign
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not prompts:
             continue
         for n in args.tokens:
-            flags = [det.is_refusal(r) for r in capability.generate(loaded, prompts, n, 16, f"{name} {n}")]
+            flags = [det.is_refusal(r) for r in capability.generate(loaded, prompts, n, bed.config.measure.batch_size,
+                                                                        f"{name} {n}")]
             out[(name, n)] = (sum(flags), len(flags))
             print(f"{name:28s} {n:3d} tokens: over-refusal {sum(flags) / len(flags):.3f} ({sum(flags)}/{len(flags)})",
                   flush=True)

@@ -591,6 +591,7 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, cfg)
             opt.zero_grad(set_to_none=True)
+            # weight 1: the plain mean, bit-identical to builds made before benign_weight existed
             w = None if cfg.benign_weight == 1.0 else torch.tensor(
                 [cfg.benign_weight if examples[i].kind == "benign" else 1.0 for i in batches[step]])
             loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev), w)
