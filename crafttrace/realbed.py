@@ -152,10 +152,14 @@ class RealbedConfig:
                    # lr 4e-3 needs the gradient clip: unclipped, the full default run spiked (NMSE 0.43 -> 289 at
                    # step 139): Adam's first steps on a rare huge gradient (massive-activation tokens) move every
                    # weight by ~3 lr. 576 steps = 12 chunks of 16,384 collected tokens, 3 passes each.
+                   # outlier_norm_ratio 50: attention-sink positions (~2 per 16k, ~180x the median norm; every
+                   # other position < 13x) are left out. With them in, layer 11's skip fit broke (held-out NMSE
+                   # 1.46 for that layer, mean 0.354 over layers; session 8 diagnosis in the results README).
                    clt=CLTTrainConfig(d_transcoder=512, activation="topk", k=16, lr=4e-3, grad_clip=1.0,
                                       lr_warmup_steps=50, total_tokens=steps * 1024, batch_tokens=1024,
                                       chunk_tokens=16384, chunk_passes=3, eval_tokens=4096, checkpoint_every=48,
-                                      skip_connection=True, sparse_adam=False, seed=seed),
+                                      skip_connection=True, sparse_adam=False, outlier_norm_ratio=50.0,
+                                      seed=seed),
                    measure=MeasureConfig(gsm8k_tokens=128),
                    n_corpus_texts=3000 if size == "default" else 12000,
                    # the opt-in ablation stage on 2 cores: gradient influence (circuit-tracer's graphs cost 2-3 min
@@ -255,7 +259,7 @@ def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     # the base model's measurement depends on the held-out benign split, i.e. on the distillation fields only
     k["measure_base"] = h("measure", cfg.base, cfg.safety.distill_dict(), dataclasses.asdict(cfg.measure))
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))
-    k["clt"] = h("clt", k["sft"], cfg.clt.to_dict(), cfg.n_corpus_texts, cfg.corpus)
+    k["clt"] = h("clt", k["sft"], cfg.clt.identity_dict(), cfg.n_corpus_texts, cfg.corpus)
     k["graphs"] = h("graphs", k["clt"], cfg.n_graph_prompts, cfg.graph_token_set, cfg.graph_max_feature_nodes,
                     cfg.graph_batch_size, cfg.measure.boundary_pool)
     k["ablation"] = h("ablation", k["clt"], cfg.ablation)

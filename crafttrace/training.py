@@ -31,7 +31,8 @@ machine ``torch.set_num_threads(1)`` can be several times faster than the defaul
 
 Data: texts are tokenised into windows of ``context_length`` (BOS re-prefixed when the tokenizer uses one);
 position 0 of every window is skipped (circuit-tracer zeroes position-0 features). Activations are collected
-in chunks of ``chunk_tokens`` positions and shuffled inside the chunk. Everything is a deterministic function of
+in chunks of ``chunk_tokens`` positions and shuffled inside the chunk; with ``outlier_norm_ratio`` the
+massive-activation (attention-sink) positions of a chunk are left out of its batches and of the evaluation. Everything is a deterministic function of
 (texts, cfg, step), which is what makes resume exact: a restarted run re-collects the current chunk and
 continues with the same batches. The first texts (in seeded order) are held out for evaluation.
 
@@ -66,6 +67,10 @@ METRICS_FILE = "metrics.json"
 
 
 # --------------------------------------------------------------------------------------------------- config
+
+# fields added after CLTs were cached, with the setting that reproduces the old behaviour
+CLT_INERT_FIELDS = {"outlier_norm_ratio": lambda c: c.outlier_norm_ratio == 0}
+
 
 @dataclass
 class CLTTrainConfig:
@@ -106,6 +111,13 @@ class CLTTrainConfig:
     # clip the global gradient norm (0 = off). Massive-activation tokens give rare huge gradients; without a
     # clip Adam's first steps on one move every weight by ~lr and lr 4e-3 diverged on the tuned SmolLM2
     grad_clip: float = 0.0
+    # leave out positions whose input (``feature_input_hook``) norm at some layer exceeds this multiple of that
+    # layer's median over the chunk (0 = keep every position). Attention-sink tokens carry "massive activations"
+    # (Sun et al. 2024, arXiv:2402.17762), which is why circuit-tracer zeroes position 0; but in windows cut
+    # mid-text the sink sometimes lands on position 1. On the tuned SmolLM2 two such tokens per 16k sit ~180x
+    # above the median from layer 12 on (every other token < 13x): they dominated the per-layer scales and the
+    # ridge skip fit (layer 11: NMSE 17 on held-out text from the skip alone, 1.46 for the trained CLT).
+    outlier_norm_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -129,6 +141,8 @@ class CLTTrainConfig:
             problems.append(f"eval_tokens must be >= 1, got {self.eval_tokens}")
         if self.bandwidth <= 0 or self.lr <= 0:
             problems.append(f"bandwidth ({self.bandwidth}) and lr ({self.lr}) must be > 0")
+        if self.outlier_norm_ratio < 0 or 0 < self.outlier_norm_ratio <= 1:
+            problems.append(f"outlier_norm_ratio must be 0 (off) or > 1, got {self.outlier_norm_ratio}")
         if self.grad_clip < 0:
             problems.append(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.sparse_adam and not self.sparse_decode:
@@ -142,6 +156,11 @@ class CLTTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """``to_dict()`` less the later-added fields at their no-effect setting (``CLT_INERT_FIELDS``): what
+        cached stages are keyed by, so adding a field does not invalidate CLTs trained before it existed."""
+        return {k: v for k, v in self.to_dict().items() if not (k in CLT_INERT_FIELDS and CLT_INERT_FIELDS[k](self))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLTTrainConfig":
@@ -663,6 +682,15 @@ def to_circuit_tracer(model: CLTModel, in_scale: torch.Tensor, out_scale: torch.
 
 
 @torch.no_grad()
+def inlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[n] bool: positions whose norm stays within ``ratio`` x the median norm at every layer of ``x`` [n, L, d]
+    (all True when ratio is 0). A function of the chunk alone, so a resumed run drops the same positions."""
+    if not ratio:
+        return torch.ones(x.shape[0], dtype=torch.bool)
+    norms = x.norm(dim=-1)                                            # [n, L]
+    return (norms <= ratio * norms.median(0).values.clamp_min(1e-12)).all(1)
+
+
 def calibrate_topk_thresholds(model: CLTModel, x: torch.Tensor) -> torch.Tensor:
     """Per-feature JumpReLU thresholds reproducing each feature's TopK firing rate on ``x`` (normalised):
     theta_f = the (1 - rate_f) quantile of feature f's pre-activations, never below 0; features that never
@@ -756,6 +784,7 @@ class _Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0
+        self.outliers_dropped = 0           # positions left out by ``outlier_norm_ratio`` (chunks counted once)
 
     @torch.no_grad()
     def initialise_from(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -812,7 +841,8 @@ class _Trainer:
         write_tensors(ckpt_dir / "state.safetensors", tensors)
         # the JSON is written last: it is the commit record that says the tensors belong to this step
         write_json(ckpt_dir / "state.json", {"step": self.step, "config": self.cfg.to_dict(), "optimizers": metas,
-                                              "history": self.history, "train_seconds": self.train_seconds})
+                                              "history": self.history, "train_seconds": self.train_seconds,
+                                              "outliers_dropped": self.outliers_dropped})
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         meta = read_json(ckpt_dir / "state.json")
@@ -827,6 +857,7 @@ class _Trainer:
         for i, (opt, m) in enumerate(zip(self.opts, meta["optimizers"])):
             _load_opt_state(opt, f"opt{i}", tensors, m)
         self.step, self.history, self.train_seconds = meta["step"], meta["history"], meta["train_seconds"]
+        self.outliers_dropped = meta.get("outliers_dropped", 0)
 
 
 @torch.no_grad()
@@ -899,9 +930,12 @@ def train_clt(loaded: Any, texts: Iterable[str] | str | Path, cfg: CLTTrainConfi
         t0 = time.perf_counter()
         c, x_chunk, y_chunk = next(chunks)
         t_collect += time.perf_counter() - t0
+        keep = inlier_mask(x_chunk, cfg.outlier_norm_ratio)
         if trainer.step == 0:
-            trainer.initialise_from(x_chunk, y_chunk)
+            trainer.initialise_from(x_chunk[keep], y_chunk[keep])
         first = trainer.step - c * steps_per_chunk
+        if first == 0:
+            trainer.outliers_dropped += int((~keep).sum())
         order = None
         for s in range(first, steps_per_chunk):
             if trainer.step >= stop_at:
@@ -909,16 +943,21 @@ def train_clt(loaded: Any, texts: Iterable[str] | str | Path, cfg: CLTTrainConfi
             p, b = divmod(s, batches_per_pass)
             sl = slice(b * cfg.batch_tokens, (b + 1) * cfg.batch_tokens)
             if p == 0:  # the chunk's own shuffled order
-                xb, yb = x_chunk[sl], y_chunk[sl]
+                xb, yb, kb = x_chunk[sl], y_chunk[sl], keep[sl]
             else:       # a later pass: a fresh order, a pure function of (seed, chunk, pass) so resume is exact
                 if order is None or order[0] != p:
                     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + c * 1_009 + p)
                     order = (p, torch.randperm(cfg.chunk_tokens, generator=g))
-                xb, yb = x_chunk[order[1][sl]], y_chunk[order[1][sl]]
+                xb, yb, kb = x_chunk[order[1][sl]], y_chunk[order[1][sl]], keep[order[1][sl]]
+            if not kb.all():   # outliers leave the batch; batch sizes vary slightly, step numbering does not
+                xb, yb = xb[kb], yb[kb]
             t0 = time.perf_counter()
-            info = trainer.train_step(xb, yb)
+            if len(xb):
+                info = trainer.train_step(xb, yb)
+            else:              # a batch of outliers only: no update, but the step still counts (exact resume)
+                trainer.step += 1
             trainer.train_seconds += time.perf_counter() - t0
-            if trainer.step % cfg.log_every == 0 or trainer.step == stop_at:
+            if len(xb) and (trainer.step % cfg.log_every == 0 or trainer.step == stop_at):
                 trainer.history.append({"step": trainer.step, **info})
                 bar.set_postfix(loss=f"{info['loss']:.4f}", nmse=f"{info['nmse']:.3f}", l0=f"{info['l0']:.1f}")
             bar.update(1)
@@ -935,7 +974,8 @@ def train_clt(loaded: Any, texts: Iterable[str] | str | Path, cfg: CLTTrainConfi
     if cfg.activation == "topk":
         if x_chunk is None:  # resumed exactly at the end: re-collect one chunk for calibration
             _, x_chunk, _ = next(stream.chunks(0))
-        threshold = calibrate_topk_thresholds(trainer.clt, x_chunk / trainer.in_scale[:, None])
+        x_cal = x_chunk[inlier_mask(x_chunk, cfg.outlier_norm_ratio)]
+        threshold = calibrate_topk_thresholds(trainer.clt, x_cal / trainer.in_scale[:, None])
     else:
         threshold = trainer.clt.log_threshold.detach().exp()
     clt = to_circuit_tracer(trainer.clt, trainer.in_scale, trainer.out_scale, threshold, cfg)
@@ -943,8 +983,12 @@ def train_clt(loaded: Any, texts: Iterable[str] | str | Path, cfg: CLTTrainConfi
     save_transcoder(clt, tc_dir, extra_config={"trained_by": "crafttrace.training", "train_config": cfg.to_dict()})
     saved = load_transcoder(tc_dir)   # metrics describe the files on disk, not the in-memory model
     x_eval, y_eval = stream.eval_set()
+    keep_eval = inlier_mask(x_eval, cfg.outlier_norm_ratio)
+    x_eval, y_eval = x_eval[keep_eval], y_eval[keep_eval]
     metrics: dict[str, Any] = {"finished": True, "step": trainer.step, "train_tokens": trainer.step * cfg.batch_tokens,
-                               "collected_tokens": -(-trainer.step // steps_per_chunk) * cfg.chunk_tokens}
+                               "collected_tokens": -(-trainer.step // steps_per_chunk) * cfg.chunk_tokens,
+                               "outliers_dropped_train": trainer.outliers_dropped,
+                               "outliers_dropped_eval": int((~keep_eval).sum())}
     metrics.update(evaluate_clt(saved, x_eval, y_eval))
     with torch.no_grad():  # the in-memory model (for TopK: before the JumpReLU export) on the same tokens
         _, info = trainer.clt.loss(x_eval / trainer.in_scale[:, None], y_eval / trainer.out_scale[:, None], 0.0)

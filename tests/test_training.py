@@ -324,3 +324,64 @@ def test_bad_inputs_give_clear_errors(tiny, tmp_path):
         train_clt(tiny, ["the cat"], small_cfg(), tmp_path / "r")
     with pytest.raises(ValueError, match="unknown hook point"):
         train_clt(tiny, ["the cat sat"] * 400, small_cfg(feature_output_hook="nope"), tmp_path / "r2", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ outlier positions
+
+def test_inlier_mask_drops_only_massive_activation_positions():
+    from crafttrace.training import inlier_mask
+
+    x = torch.randn(200, 3, 8, generator=torch.Generator().manual_seed(0))
+    x[7, 2] *= 500.0       # an attention-sink-like position: huge at one layer only
+    x[11] *= 3.0           # merely loud everywhere: kept
+    keep = inlier_mask(x, 50.0)
+    assert keep.dtype == torch.bool and keep.shape == (200,)
+    assert (~keep).nonzero().flatten().tolist() == [7]
+    assert inlier_mask(x, 0.0).all()
+
+
+def test_outlier_filter_leaves_positions_out_and_resumes_exactly(tiny, texts, tmp_path, monkeypatch):
+    """Sink-like positions (every 37th of a forward batch, made 100x louder at one layer) are dropped: no
+    training batch holds them (rows seen = collected - dropped), the counts reach metrics.json, and a resumed run
+    matches the uninterrupted one."""
+    import crafttrace.training as T
+
+    real_forward = T.ActivationStream._forward
+
+    def loud_forward(self, windows):
+        x, y = real_forward(self, windows)
+        x = x.clone()
+        x[::37, 1] *= 100.0
+        return x, y
+
+    monkeypatch.setattr(T.ActivationStream, "_forward", loud_forward)
+    cfg = small_cfg(total_tokens=128 * 8, checkpoint_every=3, outlier_norm_ratio=20.0)
+    rows = []
+    real_step = T._Trainer.train_step
+    monkeypatch.setattr(T._Trainer, "train_step", lambda self, x, y: rows.append(len(x)) or real_step(self, x, y))
+    full = train_clt(tiny, texts, cfg, tmp_path / "full", progress=False)
+    dropped = full.metrics["outliers_dropped_train"]
+    assert 0 < dropped < cfg.chunk_tokens
+    assert sum(rows) == full.metrics["collected_tokens"] - dropped      # 2 chunks of 4 batches, one pass
+    assert min(rows) < cfg.batch_tokens
+    assert full.metrics["eval_tokens"] == cfg.eval_tokens - full.metrics["outliers_dropped_eval"]
+    monkeypatch.setattr(T._Trainer, "train_step", real_step)
+    train_clt(tiny, texts, cfg, tmp_path / "part", max_steps=5, progress=False)
+    resumed = train_clt(tiny, texts, cfg, tmp_path / "part", progress=False)
+    assert resumed.metrics["outliers_dropped_train"] == dropped
+    for (name, pa), pb in zip(load_transcoder(full.path).named_parameters(), load_transcoder(resumed.path).parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"{name} differs after resume")
+
+
+def test_outlier_ratio_validation_and_cache_identity():
+    with pytest.raises(ValueError, match="outlier_norm_ratio must be 0 .off. or > 1"):
+        CLTTrainConfig(outlier_norm_ratio=0.5)
+    # off: the field stays out of the identity, so CLTs cached before it existed keep their keys
+    assert "outlier_norm_ratio" not in CLTTrainConfig().identity_dict()
+    assert CLTTrainConfig(outlier_norm_ratio=50.0).identity_dict()["outlier_norm_ratio"] == 50.0
+    from crafttrace import realbed
+
+    cfg = realbed.RealbedConfig.preset("tiny")
+    on = realbed.RealbedConfig.from_dict({**cfg.to_dict(), "clt": {**cfg.clt.to_dict(), "outlier_norm_ratio": 50.0}})
+    k0, k1 = realbed._stage_keys(cfg), realbed._stage_keys(on)
+    assert k0["sft"] == k1["sft"] and k0["clt"] != k1["clt"]
