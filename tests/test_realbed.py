@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_safety import REFUSALS, save_tiny_chat_model
 
-from crafttrace import data, realbed
+from crafttrace import data, realbed, safety
 from crafttrace.realbed import MeasureConfig, RealbedConfig, RealbedError
 from crafttrace.safety import SafetyConfig
 from crafttrace.training import CLTTrainConfig
@@ -241,3 +241,28 @@ def test_benchmark_report_reads_a_build(built):
     md = bench.render({"command": "x", "size": "test", "seed": 0, "machine": "m", "threads": 1, "wall_seconds": 1.0,
                        "finished": True, "config": bed.config.to_dict(), **rec})
     assert "| clt_nmse_mean | <= 0.25 |" in md and "Paired exact McNemar" in md and "Graphs (extended" in md
+
+
+def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overrefusal_splits.py"
+    spec = importlib.util.spec_from_file_location("bench_overrefusal_splits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, bed = built
+    extra = tmp_path / "mine.jsonl"
+    extra.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to three."}\n')
+    rec = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--models", "base", "tuned",
+                      "--extra", str(extra), "--results", str(tmp_path / "res")])
+    sp = safety.make_splits(bed.config.safety)
+    n_meas = bed.config.measure.n_benign
+    sizes = {"alpaca validation": len(sp.benign_val), f"alpaca test[:{n_meas}] (measured)": n_meas,
+             f"alpaca test[{n_meas}:] (never read)": len(sp.benign_test) - n_meas, str(extra): 2}
+    sizes = {k: v for k, v in sizes.items() if v}
+    assert [(r["model"], r["pool"], r["n"]) for r in rec["rows"]] == \
+        [(m, p, n) for m in ("base", "tuned") for p, n in sizes.items()]
+    assert all(0 <= r["refused"] <= r["n"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1] for r in rec["rows"])
+    md = (tmp_path / "res" / "overrefusal_tiny_seed0.md").read_text()
+    assert md.count("| tuned |") == len(sizes) and json.loads((tmp_path / "res" / "overrefusal_tiny_seed0.json")
+                                                                 .read_text())["rows"] == rec["rows"]
