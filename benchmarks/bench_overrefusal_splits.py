@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, nargs="+", default=[24, 48], help="greedy tokens scored per answer")
     ap.add_argument("--models", nargs="+", default=["tuned"], choices=["base", "tuned"])
     ap.add_argument("--extra", nargs="*", default=list(EXTRA_POOLS), help="registered benign data sets")
+    ap.add_argument("--skip-alpaca", action="store_true", help="only the --extra pools")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="build directory (default: the realbed cache dir)")
     ap.add_argument("--results", default=str(RESULTS), help="directory for the record ('' = do not write)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     sp = safety.make_splits(bed.config.safety)
     n_meas = bed.config.measure.n_benign
     pools = {"alpaca validation": sp.benign_val, f"alpaca test[:{n_meas}] (measured)": sp.benign_test[:n_meas],
-             f"alpaca test[{n_meas}:] (never read)": sp.benign_test[n_meas:]}
+             f"alpaca test[{n_meas}:] (never read)": sp.benign_test[n_meas:]} if not args.skip_alpaca else {}
     for name in args.extra:
         pools[name] = data.prompts(name)
     pools = {k: v for k, v in pools.items() if v}

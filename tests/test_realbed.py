@@ -266,3 +266,6 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
     md = (tmp_path / "res" / "overrefusal_tiny_seed0.md").read_text()
     assert md.count("| tuned |") == len(sizes) and json.loads((tmp_path / "res" / "overrefusal_tiny_seed0.json")
                                                                  .read_text())["rows"] == rec["rows"]
+    only = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--skip-alpaca",
+                       "--results", ""])
+    assert [(r["model"], r["pool"]) for r in only["rows"]] == [("tuned", str(extra))]
