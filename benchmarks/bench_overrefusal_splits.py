@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         del loaded
     seconds = time.time() - t0
     print(f"{seconds:.0f} s")
-    out = {"command": "python benchmarks/bench_overrefusal_splits.py " + " ".join(argv or []), "size": args.size,
+    cli = sys.argv[1:] if argv is None else argv
+    out = {"command": "python benchmarks/bench_overrefusal_splits.py " + " ".join(cli), "size": args.size,
            "seed": args.seed, "merge_scale": bed.done["sft"].get("merge_scale"), "threads": torch.get_num_threads(),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seconds": seconds, "rows": rows}
     if args.results:
