@@ -63,6 +63,7 @@ class AblationConfig:
     influence_path: str = "graph"                   # "graph" (circuit-tracer) or "grad" (fast path)
     influence_score: str = "total"
     min_active_frac: float = 0.25
+    sign_from: str = "score"            # influence modes steer against: "score" or "boundary" (Ranking.steer_sign)
     max_feature_nodes: int = 512
     attribution_batch_size: int = 256   # circuit-tracer backward batch; 256 needs ~26 GB on SmolLM2, use 16 there
     # language-modelling check (0 = off): passages from ``run_ablation(ppl_texts=...)`` or else the first
@@ -317,7 +318,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     for mode in tqdm(ranking.MODES, desc="ablation modes", disable=not progress):
         top = rk.top(mode, max((1,) + tuple(cfg.bundle_sizes)))
         f = top[0]
-        sign = rk.steer_sign(mode, f)
+        sign = rk.steer_sign(mode, f, cfg.sign_from)
         curve = []
         for s in cfg.strengths:
             res = evaluate([FeatureSteer(f[0], f[1], "clamp", sign * s * float(typical[f]))])
@@ -327,7 +328,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
         for k in cfg.bundle_sizes:
             feats = top[:k]
             s = best["strength"] if best["strength"] else cfg.strengths[0]
-            specs = [FeatureSteer(g[0], g[1], "clamp", rk.steer_sign(mode, g) * s * float(typical[g])) for g in feats]
+            specs = [FeatureSteer(g[0], g[1], "clamp", rk.steer_sign(mode, g, cfg.sign_from) * s * float(typical[g])) for g in feats]
             bundles.append({"k": k, "features": [list(g) for g in feats], "strength": s, **evaluate(specs)})
         rows.append({"mode": mode, "features": [list(f)], "steer_sign": sign,
                      "typical_activation": float(typical[f]), "score": float(rk.scores[mode][f]),

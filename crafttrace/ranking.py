@@ -88,11 +88,22 @@ class Ranking:
                              f"{self.min_active_frac:.0%} of the application prompts")
         return order[:k]
 
-    def steer_sign(self, mode: str, feat: tuple[int, int]) -> int:
-        """-1: push the feature down (suppress), +1: push it up, to move away from refusal."""
+    def steer_sign(self, mode: str, feat: tuple[int, int], sign_from: str = "score") -> int:
+        """-1: push the feature down (suppress), +1: push it up, to move away from refusal. Activation modes always
+        suppress. Influence modes steer against ``sign_from``: ``"score"``, the mode's own score -- for the
+        cross-group contrast that is effect(harmful) - effect(benign), whose sign a feature's *benign-side* effect
+        can decide (a compliance feature active on benign prompts scores positive and gets suppressed, which moves
+        boundary prompts towards refusal: seen on the SmolLM2 realbed, session 8); ``"boundary"``, the feature's
+        effect on the boundary ranking prompts, i.e. on the kind of prompt it is steered on (the score where that
+        effect is 0)."""
+        if sign_from not in ("score", "boundary"):
+            raise ValueError(f"sign_from must be 'score' or 'boundary', got {sign_from!r}")
         if mode.startswith("activation"):
             return -1
-        return -1 if float(self.scores[mode][feat]) > 0 else 1
+        s = float(self.scores[mode][feat])
+        if sign_from == "boundary" and float(self.scores["influence_boundary"][feat]) != 0:
+            s = float(self.scores["influence_boundary"][feat])
+        return -1 if s > 0 else 1
 
     def to_json(self, top_n: int = 50) -> dict:
         feats: set[tuple[int, int]] = set()

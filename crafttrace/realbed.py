@@ -168,9 +168,11 @@ class RealbedConfig:
                    # NLL by more than 0.1 nats/token (+0.11 to +8.3, session 5), so [2, 8] left nothing preserved.
                    # every boundary-critical prompt (80 under the extended set at seed 0): 40 rank, 40 evaluate;
                    # with 24 evaluation prompts the modes' Wilson intervals overlapped
+                   # sign_from "boundary" (session 8): with the contrast's own sign the cross-group influence mode
+                   # suppressed a compliance feature on the session-8 CLT (ASR 0.00, refusal 0.97)
                    ablation={"influence_path": "grad", "strengths": [0.5, 1.0, 2.0, 8.0], "bundle_sizes": [3],
                              "n_capability": 40, "n_plain": 12, "max_new_tokens": 10, "n_ppl": 32,
-                             "n_boundary": 80})
+                             "n_boundary": 80, "sign_from": "boundary"})
 
     def to_dict(self) -> dict[str, Any]:
         return runs._jsonable(self)

@@ -127,6 +127,17 @@ def test_ranking_modes_and_silent_features():
     assert rk.top("influence_boundary") == [(1, 2)]          # (1, 3) weighted out: silent where applied
     assert rk.steer_sign("influence_boundary", (1, 2)) == 1  # compliance-promoting: push up
     assert rk.steer_sign("activation_cross_group", (0, 0)) == -1
+    # a compliance feature active on benign prompts: the contrast effect(harmful) - effect(benign) is positive,
+    # so "score" suppresses it; "boundary" reads its effect where it is steered (negative) and pushes it up
+    eff_b = z.clone()
+    eff_b[:, 1, 2] = -4.0
+    rk2 = ranking.rank(act_h, act_b, act_bd, z, eff_b, eff_bd, apply)
+    assert float(rk2.scores["influence_cross_group"][1, 2]) == 4.0
+    assert rk2.steer_sign("influence_cross_group", (1, 2)) == -1
+    assert rk2.steer_sign("influence_cross_group", (1, 2), "boundary") == 1
+    assert rk2.steer_sign("activation_cross_group", (1, 2), "boundary") == -1
+    with pytest.raises(ValueError, match="sign_from must be"):
+        rk2.steer_sign("influence_cross_group", (1, 2), "contrast")
     doc = rk.to_json()
     row = next(r for r in doc["features"] if (r["layer"], r["index"]) == (1, 2))
     assert row["influence_boundary"] == -2.0 and row["eligible"]
