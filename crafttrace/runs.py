@@ -15,7 +15,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,6 +85,12 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"tensor file not found: {path}")
     return load_file(str(path))
+
+
+def identity_dict(cfg: Any, d: dict[str, Any], inert: dict[str, Callable[[Any], bool]]) -> dict[str, Any]:
+    """A config's dict ``d`` less the fields named in ``inert`` whose predicate says they sit at their no-effect
+    setting: fields added after artifacts were cached stay out of cache keys until someone uses them."""
+    return {k: v for k, v in d.items() if not (k in inert and inert[k](cfg))}
 
 
 def content_hash(*parts: Any) -> str:

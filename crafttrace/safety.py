@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from crafttrace import runs
 from crafttrace.runs import read_json, read_tensors, write_json, write_tensors
 
 REFUSALS: tuple[str, ...] = (
@@ -207,7 +208,7 @@ class SafetyConfig:
     def identity_dict(self) -> dict[str, Any]:
         """``to_dict()`` less the later-added fields that are at a setting with no effect (``INERT_FIELDS``):
         what cached stages and checkpoints are keyed by, so adding a field does not invalidate them."""
-        return {k: v for k, v in self.to_dict().items() if not (k in INERT_FIELDS and INERT_FIELDS[k](self))}
+        return runs.identity_dict(self, self.to_dict(), INERT_FIELDS)
 
     def training_dict(self) -> dict[str, Any]:
         """The fields that decide the trained adapters (strength calibration only picks how much of them is

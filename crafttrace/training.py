@@ -32,8 +32,8 @@ machine ``torch.set_num_threads(1)`` can be several times faster than the defaul
 Data: texts are tokenised into windows of ``context_length`` (BOS re-prefixed when the tokenizer uses one);
 position 0 of every window is skipped (circuit-tracer zeroes position-0 features). Activations are collected
 in chunks of ``chunk_tokens`` positions and shuffled inside the chunk; with ``outlier_norm_ratio`` the
-massive-activation (attention-sink) positions of a chunk are left out of its batches and of the evaluation. Everything is a deterministic function of
-(texts, cfg, step), which is what makes resume exact: a restarted run re-collects the current chunk and
+massive-activation (attention-sink) positions of a chunk are left out of its batches and of the evaluation.
+Everything is a deterministic function of (texts, cfg, step), which is what makes resume exact: a restarted run re-collects the current chunk and
 continues with the same batches. The first texts (in seeded order) are held out for evaluation.
 
 Inputs and outputs are normalised by one scalar per layer during training (so one lambda/lr works across
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from crafttrace.hooks import capture
+from crafttrace import runs
 from crafttrace.runs import read_json, read_tensors, write_json, write_tensors
 from crafttrace.transcoders import load_transcoder, save_transcoder
 
@@ -160,7 +161,7 @@ class CLTTrainConfig:
     def identity_dict(self) -> dict[str, Any]:
         """``to_dict()`` less the later-added fields at their no-effect setting (``CLT_INERT_FIELDS``): what
         cached stages are keyed by, so adding a field does not invalidate CLTs trained before it existed."""
-        return {k: v for k, v in self.to_dict().items() if not (k in CLT_INERT_FIELDS and CLT_INERT_FIELDS[k](self))}
+        return runs.identity_dict(self, self.to_dict(), CLT_INERT_FIELDS)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLTTrainConfig":
@@ -681,7 +682,6 @@ def to_circuit_tracer(model: CLTModel, in_scale: torch.Tensor, out_scale: torch.
     return clt
 
 
-@torch.no_grad()
 def inlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """[n] bool: positions whose norm stays within ``ratio`` x the median norm at every layer of ``x`` [n, L, d]
     (all True when ratio is 0). A function of the chunk alone, so a resumed run drops the same positions."""
@@ -691,6 +691,7 @@ def inlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
     return (norms <= ratio * norms.median(0).values.clamp_min(1e-12)).all(1)
 
 
+@torch.no_grad()
 def calibrate_topk_thresholds(model: CLTModel, x: torch.Tensor) -> torch.Tensor:
     """Per-feature JumpReLU thresholds reproducing each feature's TopK firing rate on ``x`` (normalised):
     theta_f = the (1 - rate_f) quantile of feature f's pre-activations, never below 0; features that never
