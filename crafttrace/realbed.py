@@ -259,7 +259,9 @@ def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     k["sft_train"] = h("sft", k["distill"], cfg.safety.training_dict())
     k["sft"] = h("sft-merge", k["sft_train"], cfg.safety.identity_dict())
     # the base model's measurement depends on the held-out benign split, i.e. on the distillation fields only
-    k["measure_base"] = h("measure", cfg.base, cfg.safety.distill_dict(), dataclasses.asdict(cfg.measure))
+    # (less the contrast prompts: they change what is trained on, not what is held out)
+    held = {k: v for k, v in cfg.safety.distill_dict().items() if k not in ("contrast_pool", "n_contrast_train")}
+    k["measure_base"] = h("measure", cfg.base, held, dataclasses.asdict(cfg.measure))
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))
     k["clt"] = h("clt", k["sft"], cfg.clt.identity_dict(), cfg.n_corpus_texts, cfg.corpus)
     k["graphs"] = h("graphs", k["clt"], cfg.n_graph_prompts, cfg.graph_token_set, cfg.graph_max_feature_nodes,
@@ -369,7 +371,10 @@ def load_realbed(out_dir: str | Path | None = None, size: str = "default", seed:
 
 # ------------------------------------------------------------------------------------------------ stages
 
-_STAGE_OUTPUTS = {"distill": ["sft/distill.jsonl", "sft/distill.partial.jsonl"],
+# distill keeps its files when its settings change: ``safety.distill`` reuses a cached run only for the same
+# model and token budget, and only its prefix of the new prompt list (so appending contrast prompts costs
+# just their answers)
+_STAGE_OUTPUTS = {"distill": [],
                   "sft": ["sft/checkpoint", "sft/model", "sft/safety_config.json"],
                   "measure_base": ["measure/base.json"], "measure_tuned": ["measure/tuned.json"],
                   "clt": ["clt"], "graphs": ["graphs"], "ablation": ["ablation"]}
@@ -407,7 +412,7 @@ class _Context:
 
 def _run_distill(ctx: _Context, budget: _Budget) -> dict | None:
     from crafttrace.safety import distill
-    recs = distill(ctx.base(), ctx.splits().benign_train, ctx.cfg.safety, ctx.out / "sft", progress=ctx.progress)
+    recs = distill(ctx.base(), ctx.splits().distill_prompts, ctx.cfg.safety, ctx.out / "sft", progress=ctx.progress)
     return {"n": len(recs), "truncated": sum(r["truncated"] for r in recs)}
 
 

@@ -3,7 +3,7 @@ benign ones as before (the real-language testbed's refusal behaviour; ``crafttra
 
     cfg = SafetyConfig(seed=0)
     split = make_splits(cfg)                                   # AdvBench / AlpacaEval train + held-out test
-    answers = distill(base, split.benign_train, cfg, run_dir)  # the base model's own greedy answers (cached JSONL)
+    answers = distill(base, split.distill_prompts, cfg, run_dir)  # the base model's own greedy answers (cached JSONL)
     res = train_safety(base, split.harmful_train, answers, cfg, run_dir)   # -> merged HF dir, res.model_dir
 
 Data (all deterministic in ``cfg.seed``):
@@ -60,7 +60,7 @@ REFUSALS: tuple[str, ...] = (
 CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens",
                       "calibration_pool", "calibration_split")
 DISTILL_FIELDS = ("benign_pool", "n_benign_train", "n_benign_test", "heldout_pools", "distill_max_new_tokens",
-                  "batch_size_generate", "seed")
+                  "batch_size_generate", "seed", "contrast_pool", "n_contrast_train")
 # Request phrasings for training-prompt augmentation (``SafetyConfig.styled_frac``). AdvBench is almost all bare
 # imperatives ("Write a tutorial on ..."); held-out harmful requests are often questions or polite asks, and a
 # model tuned on imperatives only learned "refuse imperatives about harm". Benign prompts get the same
@@ -103,6 +103,8 @@ INFO_FILE = "crafttrace_safety.json"
 INERT_FIELDS = {
     "styled_kinds": lambda c: c.styled_frac == 0 or tuple(c.styled_kinds) == ("harmful", "benign"),
     "benign_weight": lambda c: c.benign_weight == 1.0,
+    "contrast_pool": lambda c: c.contrast_pool == "",
+    "n_contrast_train": lambda c: c.contrast_pool == "",
 }
 
 
@@ -161,6 +163,14 @@ class SafetyConfig:
     # loss weight of a benign example relative to a harmful one (weighted mean over the batch): more weight on
     # the distilled answers without more examples (AlpacaEval has no more prompts to spare)
     benign_weight: float = 1.0
+    # contrast prompts: harmless requests in the harmful pool's own phrasings (AdvBench's imperatives "Teach me
+    # how to ...", "Provide a step-by-step guide ..."; sensitive-sounding but benign "How do I kill a Python
+    # process?"), answered with the base model's distilled answers like the AlpacaEval ones, so that the
+    # phrasing alone stops predicting refusal. Measured reason: the session-8 tuned model refused 0.335 of the
+    # everyday requests in temaq-abliterated's harmless set (base 0.029). The pool is shuffled by seed; the
+    # first n_contrast_train prompts are trained on, the rest (``Splits.contrast_heldout``) stay held out.
+    contrast_pool: str = ""
+    n_contrast_train: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -199,6 +209,9 @@ class SafetyConfig:
             problems.append("refusals must be a non-empty list of non-empty strings")
         if not self.lora_targets:
             problems.append("lora_targets must name at least one projection")
+        if self.n_contrast_train < 0 or (self.n_contrast_train > 0) != bool(self.contrast_pool):
+            problems.append(f"contrast_pool ({self.contrast_pool!r}) and n_contrast_train ({self.n_contrast_train}) "
+                            "go together: both set (n >= 1) or both off")
         if problems:
             raise SafetyTuningError("invalid SafetyConfig: " + "; ".join(problems))
 
@@ -216,8 +229,10 @@ class SafetyConfig:
         return {k: v for k, v in self.identity_dict().items() if k not in CALIBRATION_FIELDS}
 
     def distill_dict(self) -> dict[str, Any]:
-        """The fields that decide the distilled benign answers (which prompts, how many tokens)."""
-        return {k: getattr(self, k) for k in DISTILL_FIELDS}
+        """The fields that decide the distilled benign answers (which prompts, how many tokens); inert ones left
+        out like in ``identity_dict``."""
+        ident = self.identity_dict()
+        return {k: ident[k] for k in DISTILL_FIELDS if k in ident}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SafetyConfig":
@@ -248,6 +263,13 @@ class Splits:
     benign_test: list[str]            # the held-out AlpacaEval prompts (over-refusal)
     benign_val: list[str] = field(default_factory=list)  # the rest of AlpacaEval (strength calibration)
     excluded: list[str] = field(default_factory=list)  # pool prompts that also occur in an evaluation pool
+    contrast_train: list[str] = field(default_factory=list)    # cfg.contrast_pool prompts trained on (answered)
+    contrast_heldout: list[str] = field(default_factory=list)  # the rest of cfg.contrast_pool
+
+    @property
+    def distill_prompts(self) -> list[str]:
+        """The prompts answered by self-distillation: AlpacaEval training prompts, then contrast prompts."""
+        return self.benign_train + self.contrast_train
 
 
 def _norm(prompt: str) -> str:
@@ -295,9 +317,20 @@ def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
                                 f"the benign pool {cfg.benign_pool!r} has only {len(benign)} prompts")
     h = _shuffled(harmful, cfg.seed, "harmful")
     b = _shuffled(benign, cfg.seed, "benign")
+    c: list[str] = []
+    if cfg.contrast_pool:
+        # a contrast prompt that is also a harmful-pool or benign-pool prompt would get two targets
+        taken = banned | {_norm(p) for p in harmful + benign}
+        pool = data.prompts(cfg.contrast_pool)
+        excluded += [p for p in pool if _norm(p) in banned]
+        c = _shuffled(dict.fromkeys(p for p in pool if _norm(p) not in taken), cfg.seed, "contrast")
+        if cfg.n_contrast_train > len(c):
+            raise SafetyTuningError(f"n_contrast_train={cfg.n_contrast_train} but the contrast pool "
+                                    f"{cfg.contrast_pool!r} has only {len(c)} usable prompts")
     return Splits(h[:cfg.n_harmful_train], h[cfg.n_harmful_train:],
                   b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test],
-                  b[cfg.n_benign_test + cfg.n_benign_train:], excluded)
+                  b[cfg.n_benign_test + cfg.n_benign_train:], excluded,
+                  c[:cfg.n_contrast_train], c[cfg.n_contrast_train:])
 
 
 # ------------------------------------------------------------------------------------------ distillation
@@ -318,16 +351,23 @@ def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str
     if not prompts:
         raise SafetyTuningError("distill got no prompts")
     path = Path(run_dir) / DISTILL_FILE
-    meta = {"max_new_tokens": cfg.distill_max_new_tokens}  # a run with more prompts reuses a shorter run's prefix
-    if path.exists():
-        recs = read_records(path)
-        if [r["prompt"] for r in recs] == prompts and all(r.get("meta") == meta for r in recs):
-            return recs
+    # a run with more prompts (e.g. contrast prompts appended) reuses a finished or partial run's prefix.
+    # Records from before "model" was stored carry only max_new_tokens and are taken as this model's.
+    meta = {"max_new_tokens": cfg.distill_max_new_tokens, "model": getattr(loaded, "name", None)}
+
+    def ours(r: dict) -> bool:
+        m = r.get("meta") or {}
+        return m.get("max_new_tokens") == meta["max_new_tokens"] and m.get("model", meta["model"]) == meta["model"]
+
     partial = Path(run_dir) / (PARTIAL_FILE)
-    done = read_records(partial) if partial.exists() else []
-    done = [r for r in done if r.get("meta") == meta]
-    if [r["prompt"] for r in done] != prompts[:len(done)]:
-        done = []
+    done: list[dict] = []
+    for f in (path, partial):
+        recs = read_records(f) if f.exists() else []
+        if recs and all(map(ours, recs)) and [r["prompt"] for r in recs] == prompts[:len(recs)] \
+                and len(recs) > len(done):
+            done = recs
+    if len(done) == len(prompts):
+        return done
     tok = loaded.tokenizer
     step = cfg.batch_size_generate * 4
     bar = tqdm(total=len(prompts), initial=len(done), desc="self-distillation", unit="prompt", disable=not progress)

@@ -170,6 +170,36 @@ def test_changed_calibration_re_merges_without_retraining_or_redistilling(built,
     assert steps
 
 
+def test_contrast_prompts_are_distilled_after_the_cached_answers(built, model_dir, tmp_path, monkeypatch):
+    """Turning on contrast prompts reruns distill, which answers only the new prompts (the cached answers are
+    kept), and the SFT trains on both."""
+    import shutil
+
+    import crafttrace.capability as cap
+    out = tmp_path / "run"
+    shutil.copytree(built[0], out)
+    before = data.read_records(out / "sft" / "distill.jsonl")
+    real_prompts = data.prompts
+    extra = ["Teach me how to juggle three balls.", "Write a tutorial on how to fold a paper crane.",
+             "Explain how to kill a stuck Python process.", "Give step-by-step instructions to bake bread."]
+    monkeypatch.setattr(data, "prompts", lambda name, split=None: list(extra) if name == "test_contrast"
+                        else real_prompts(name, split=split))
+    asked = []
+    real_generate = cap.generate
+    monkeypatch.setattr(cap, "generate", lambda l, ps, *a, **k: asked.append(list(ps)) or real_generate(l, ps, *a, **k))
+    cfg = bed_config(model_dir)
+    cfg.safety = SafetyConfig.from_dict({**cfg.safety.to_dict(), "contrast_pool": "test_contrast",
+                                         "n_contrast_train": 3})
+    bed = realbed.build_realbed(out, config=cfg, stages=("distill",), progress=False)
+    sp = safety.make_splits(cfg.safety)
+    recs = data.read_records(out / "sft" / "distill.jsonl")
+    assert [r["prompt"] for r in recs] == sp.distill_prompts and recs[:len(before)] == before
+    assert asked == [sp.contrast_train] and len(sp.contrast_train) == 3 and bed.done["distill"]["n"] == 6 + 3
+    # the held-out prompts are unchanged: the base model's measurement stays cached
+    keys, plain = realbed._stage_keys(cfg), realbed._stage_keys(bed_config(model_dir))
+    assert keys["measure_base"] == plain["measure_base"] and keys["sft_train"] != plain["sft_train"]
+
+
 def test_time_budget_stops_inside_sft_and_the_next_call_continues(model_dir, tmp_path, monkeypatch):
     cfg = bed_config(model_dir)
     out = tmp_path / "run"

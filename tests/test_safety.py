@@ -104,6 +104,32 @@ def test_splits_are_seeded_disjoint_and_test_split_is_stable():
     assert "b7" not in d.benign_train + d.benign_test
 
 
+def test_contrast_prompts_split_seeded_disjoint_and_distilled_after_benign(monkeypatch):
+    from crafttrace import data
+    pools = {"cpool": ["c0", "c1", "c2", "c3", "c4", "h1", "b2", "c5", "E1", "c0"]}
+    monkeypatch.setattr(data, "prompts", lambda name, split=None: pools[name])
+    harmful, benign = [f"h{i}" for i in range(10)], [f"b{i}" for i in range(10)]
+    cfg = tiny_config(n_harmful_train=4, n_benign_train=3, n_benign_test=2, contrast_pool="cpool", n_contrast_train=3)
+    a = safety.make_splits(cfg, harmful, benign, exclude=["e1"])
+    # pool prompts that are harmful/benign pool prompts (two targets) or evaluation prompts never reach training;
+    # duplicates count once
+    assert len(a.contrast_train) == 3 and sorted(a.contrast_train + a.contrast_heldout) == [f"c{i}" for i in range(6)]
+    assert "E1" in a.excluded
+    assert a.distill_prompts == a.benign_train + a.contrast_train
+    assert safety.make_splits(cfg, harmful, benign, exclude=["e1"]).contrast_train == a.contrast_train  # seeded
+    assert safety.make_splits(tiny_config(), harmful, benign, exclude=[]).contrast_train == []
+    with pytest.raises(SafetyTuningError, match="only 6 usable prompts"):
+        safety.make_splits(tiny_config(n_harmful_train=4, n_benign_train=3, n_benign_test=2, contrast_pool="cpool",
+                                       n_contrast_train=7), harmful, benign, exclude=["e1"])
+    with pytest.raises(SafetyTuningError, match="contrast_pool .* go together"):
+        tiny_config(contrast_pool="cpool")
+    with pytest.raises(SafetyTuningError, match="contrast_pool .* go together"):
+        tiny_config(n_contrast_train=3)
+    # inert when off; part of the distillation key when on
+    assert "contrast_pool" not in SafetyConfig().distill_dict()
+    assert SafetyConfig(contrast_pool="cpool", n_contrast_train=3).distill_dict()["n_contrast_train"] == 3
+
+
 def test_default_splits_hold_out_every_evaluation_prompt():
     from crafttrace import data
     s = safety.make_splits(SafetyConfig())
@@ -212,6 +238,20 @@ def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cap, "generate", lambda l, ps, *a, **k: calls.append(list(ps)) or ["x"] * len(ps))
     again = safety.distill(loaded, prompts, cfg, tmp_path, progress=False)
     assert calls == [prompts[4:]] and again[:4] == recs[:4]
+    # appended prompts (contrast prompts) extend a finished run: only they are generated
+    calls.clear()
+    more = safety.distill(loaded, prompts + ["fold a paper crane"], cfg, tmp_path, progress=False)
+    assert calls == [["fold a paper crane"]] and more[:len(prompts)] == again
+    # another token budget or another model does not reuse the cache
+    calls.clear()
+    safety.distill(loaded, prompts, tiny_config(batch_size_generate=1, distill_max_new_tokens=5), tmp_path,
+                   progress=False)
+    assert calls and calls[0] == prompts[:4]
+    loaded.name = "another-model"
+    calls.clear()
+    safety.distill(loaded, prompts, tiny_config(batch_size_generate=1, distill_max_new_tokens=5), tmp_path,
+                   progress=False)
+    assert calls and calls[0] == prompts[:4]
 
 
 def test_training_teaches_refusal_keeps_benign_and_saves_a_loadable_model(model_dir, tmp_path):

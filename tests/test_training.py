@@ -63,13 +63,15 @@ def small_cfg(**kw) -> CLTTrainConfig:
 
 # ------------------------------------------------------------------------------------------ sparse == dense
 
-@pytest.mark.parametrize("activation,preact", [("topk", 0.0), ("jumprelu", 0.0), ("jumprelu", 1e-2)])
+@pytest.mark.parametrize("activation,preact,topk_grad", [("topk", 0.0, "relu"), ("topk", 0.0, "straight_through"),
+                                                         ("jumprelu", 0.0, "relu"), ("jumprelu", 1e-2, "relu")])
 @pytest.mark.parametrize("sparse_grad", [False, True])
-def test_sparse_decode_matches_dense_reference(activation, preact, sparse_grad):
+def test_sparse_decode_matches_dense_reference(activation, preact, topk_grad, sparse_grad):
     """Loss and every gradient agree; covers the sparse encoder backward (TopK, JumpReLU without the dense
     pre-activation penalty) and the dense encoder one (with it)."""
     torch.manual_seed(0)
-    cfg = CLTTrainConfig(d_transcoder=48, activation=activation, k=5, bandwidth=0.5, preact_coef=preact)
+    cfg = CLTTrainConfig(d_transcoder=48, activation=activation, k=5, bandwidth=0.5, preact_coef=preact,
+                         topk_grad=topk_grad)
     model = CLTModel(n_layers=3, d_model=16, cfg=cfg)
     with torch.no_grad():
         model.log_threshold.fill_(-0.5)  # some features active, some inside the STE window
@@ -95,6 +97,34 @@ def test_sparse_decode_matches_dense_reference(activation, preact, sparse_grad):
     if activation == "jumprelu":
         assert gd["log_threshold"].abs().sum() > 0  # the straight-through estimator is exercised
     assert dec_grad_sparse == sparse_grad
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_topk_straight_through_revives_selected_negative_features(sparse):
+    """A selected feature with pre < 0 gets no encoder gradient under "relu" and one under "straight_through";
+    the forward pass (loss) is the same."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 2, 6), torch.randn(5, 2, 6)
+    losses, grads = [], []
+    for mode in ("relu", "straight_through"):
+        cfg = CLTTrainConfig(d_transcoder=8, activation="topk", k=4, topk_grad=mode)
+        model = CLTModel(n_layers=2, d_model=6, cfg=cfg)
+        with torch.no_grad():
+            model.b_enc.fill_(-10.0)   # every pre-activation negative: all k selected features are silent
+        loss, info = model.loss(x, y, lam=0.0, sparse=sparse)
+        loss.backward()
+        assert info["l0"] == 0
+        losses.append(loss.detach())
+        grads.append(model.b_enc.grad.abs().sum().item())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert grads[0] == 0 and grads[1] > 0
+
+
+def test_topk_grad_validated_and_inert_at_default():
+    with pytest.raises(ValueError, match="topk_grad"):
+        CLTTrainConfig(topk_grad="ste")
+    assert "topk_grad" not in CLTTrainConfig().identity_dict()
+    assert CLTTrainConfig(topk_grad="straight_through").identity_dict()["topk_grad"] == "straight_through"
 
 
 # ------------------------------------------------------------------------------------------ training
