@@ -145,7 +145,13 @@ class RealbedConfig:
                    # 0.969 and 0.86 (0.74). Adding the "information hazard" and "discrimination" areas too scored
                    # lower on validation (0.949, 141 of 256) and the SFT over-refused 12 % of validation AlpacaEval
                    # at the smallest merge scale (benchmarks/bench_refusal_ceiling.py, 218 s).
+                   # contrast prompts (session 9): 180 of the 359 harmless requests in harmless_probes (everyday
+                   # requests, many in AdvBench's imperative forms) + benign_edgy (XSTest-style benign questions
+                   # on sensitive-looking topics), answered with distilled answers; the other 179 stay held out
+                   # (benchmarks/bench_overrefusal_splits.py). The session-8 model without them refused 0.335 of
+                   # harmless_probes and 0.17 of the AlpacaEval test prompts.
                    safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
+                                       contrast_pool="harmless_probes+benign_edgy", n_contrast_train=180,
                                        distill_max_new_tokens=48, merge_scales=(0.6, 0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10,
                                        calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
