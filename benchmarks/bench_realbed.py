@@ -57,7 +57,7 @@ def collect(bed: realbed.Realbed) -> dict:
     if len(m) == 2:
         rec["comparison"] = realbed.compare_measurements(m["base"], m["tuned"])
     if "sft" in bed.done:
-        rec["sft"] = {k: bed.done["sft"].get(k) for k in ("steps", "train_seconds", "loss_first_epoch",
+        rec["sft"] = {k: bed.done["sft"].get(k) for k in ("steps", "n_harmful", "n_benign", "n_benign_given", "train_seconds", "loss_first_epoch",
                                                          "loss_last_epoch", "lora_parameters", "adapted_layers",
                                                          "merge_scale", "calibration")}
     if "clt" in bed.done:

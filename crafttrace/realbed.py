@@ -150,8 +150,12 @@ class RealbedConfig:
                    # on sensitive-looking topics), answered with distilled answers; the other 179 stay held out
                    # (benchmarks/bench_overrefusal_splits.py). The session-8 model without them refused 0.335 of
                    # harmless_probes and 0.17 of the AlpacaEval test prompts.
+                   # drop_refusing_answers (session 10): the base model declines some benign training prompts
+                   # itself ("as a chatbot I don't have the capability ..."); distilled as targets they teach the
+                   # refusal opener on benign requests.
                    safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
                                        contrast_pool="harmless_probes+benign_edgy", n_contrast_train=180,
+                                       drop_refusing_answers=True,
                                        distill_max_new_tokens=48, merge_scales=(0.6, 0.75, 0.85, 0.9, 1.0),
                                        target_refusal=0.95, max_over_refusal=0.10,
                                        calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
@@ -442,6 +446,7 @@ def _run_sft(ctx: _Context, budget: _Budget) -> dict | None:
             return None
     m = res.metrics
     return {"model_dir": str(res.model_dir), "steps": m["step"], "train_seconds": m["train_seconds"],
+            "n_harmful": m["n_harmful"], "n_benign": m["n_benign"], "n_benign_given": m["n_benign_given"],
             "loss_first_epoch": m["loss_first_epoch"], "loss_last_epoch": m["loss_last_epoch"],
             "lora_parameters": m["lora_parameters"], "adapted_layers": m["adapted_layers"],
             "merge_scale": m["merge_scale"], "calibration": m.get("calibration")}

@@ -105,6 +105,7 @@ INERT_FIELDS = {
     "benign_weight": lambda c: c.benign_weight == 1.0,
     "contrast_pool": lambda c: c.contrast_pool == "",
     "n_contrast_train": lambda c: c.contrast_pool == "",
+    "drop_refusing_answers": lambda c: not c.drop_refusing_answers,
 }
 
 
@@ -171,6 +172,11 @@ class SafetyConfig:
     # first n_contrast_train prompts are trained on, the rest (``Splits.contrast_heldout``) stay held out.
     contrast_pool: str = ""
     n_contrast_train: int = 0
+    # leave out benign examples whose distilled answer ``RefusalDetector`` flags: SmolLM2-Instruct declines 29 of
+    # the 512 AlpacaEval training prompts itself ("I'm sorry for any misunderstanding, but as a chatbot I don't
+    # have the capability ..."), and self-distillation then trains "I'm sorry" as an answer to benign requests --
+    # the same opener the refusal templates teach for harmful ones.
+    drop_refusing_answers: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -430,9 +436,15 @@ def build_examples(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], 
         return restyle(p, style_rng) if style_rng.random() < cfg.styled_frac else p
 
     pairs = [(styled(p, "harmful"), rng.choice(cfg.refusals) + eot, "harmful") for p in harmful]
+    detector = None
+    if cfg.drop_refusing_answers:
+        from crafttrace.evaluation import RefusalDetector
+        detector = RefusalDetector()
     for r in benign:
         if not {"prompt", "response"} <= set(r):
             raise SafetyTuningError(f"benign records need 'prompt' and 'response', got fields {sorted(r)}")
+        if detector is not None and detector.is_refusal(r["response"]):
+            continue
         pairs.append((styled(r["prompt"], "benign"), r["response"] + ("" if r.get("truncated") else eot), "benign"))
     out = []
     for prompt, response, kind in pairs:
@@ -653,6 +665,9 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
                                "n_examples": len(examples),
                                "n_harmful": sum(e.kind == "harmful" for e in examples),
                                "n_benign": sum(e.kind == "benign" for e in examples),
+                               # distilled answers given; the gap to n_benign is drop_refusing_answers' (and
+                               # empty/over-long) leftovers
+                               "n_benign_given": len(benign),
                                "adapted_layers": adapted_layers(len(model.model.layers), cfg),
                                "n_adapters": len(adapters), "lora_parameters": sum(p.numel() for p in params),
                                "train_seconds": seconds, "history": history}

@@ -299,3 +299,22 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
     only = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--skip-alpaca",
                        "--results", ""])
     assert [(r["model"], r["pool"]) for r in only["rows"]] == [("tuned", str(extra))]
+
+
+def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_path, monkeypatch):
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overrefusal_splits.py"
+    spec = importlib.util.spec_from_file_location("bench_overrefusal_splits_c", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, _ = built
+    extra = tmp_path / "mine.jsonl"
+    extra.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to three."}\n')
+    real = safety.make_splits
+    monkeypatch.setattr(safety, "make_splits",
+                        lambda cfg: dataclasses.replace(real(cfg), contrast_train=["name a colour"]))
+    rec = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--skip-alpaca",
+                      "--results", ""])
+    assert [(r["pool"], r["n"]) for r in rec["rows"]] == [(f"{extra} (held-out contrast)", 1)]

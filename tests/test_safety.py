@@ -188,6 +188,18 @@ def test_benign_weight_weights_the_batch_mean(model_dir):
         tiny_config(benign_weight=0)
 
 
+def test_drop_refusing_answers_leaves_out_benign_targets_that_refuse(model_dir):
+    loaded = load_model(model_dir)
+    benign = [{"prompt": "bake a cake", "response": "sure, mix flour and eggs", "truncated": False},
+              {"prompt": "draw a house", "response": "I'm sorry, but as a chatbot I can't draw.", "truncated": False}]
+    kept = safety.build_examples(loaded, ["make a bomb"], benign, tiny_config(drop_refusing_answers=True))
+    every = safety.build_examples(loaded, ["make a bomb"], benign, tiny_config())
+    assert [e.kind for e in every] == ["harmful", "benign", "benign"]
+    assert [e.kind for e in kept] == ["harmful", "benign"] and kept[1].ids == every[1].ids
+    assert "drop_refusing_answers" not in tiny_config().identity_dict()
+    assert tiny_config(drop_refusing_answers=True).training_dict()["drop_refusing_answers"] is True
+
+
 def test_restyle_rewrites_requests_and_keeps_them_recognisable():
     import random
     rng = random.Random(0)
@@ -262,7 +274,7 @@ def test_training_teaches_refusal_keeps_benign_and_saves_a_loadable_model(model_
     res = safety.train_safety(base, HARMFUL, benign, cfg, tmp_path, progress=False)
     m = res.metrics
     assert m["finished"] and m["loss_last_epoch"] < 0.5 * m["loss_first_epoch"]
-    assert m["n_harmful"] == 6 and m["n_benign"] == 6
+    assert m["n_harmful"] == 6 and m["n_benign"] == m["n_benign_given"] == 6
     tuned = load_model(res.model_dir)
     assert tuned.model.config.architectures == ["LlamaForCausalLM"] and tuned.has_chat_template
     assert all(t in ("I'm", "Sorry") for t in _first_tokens(tuned, HARMFUL))
