@@ -27,6 +27,17 @@ def model_dir(tmp_path_factory):
     return save_tiny_chat_model(tmp_path_factory.mktemp("tinybed") / "model")
 
 
+def _benchmark(name: str):
+    """A script under benchmarks/ imported as a module (it is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def bed_config(model_dir, **kw) -> RealbedConfig:
     cfg = RealbedConfig(
         base=str(model_dir), size="test", seed=0,
@@ -255,12 +266,7 @@ def test_clear_errors(model_dir, tmp_path):
 
 
 def test_benchmark_report_reads_a_build(built):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_realbed.py"
-    spec = importlib.util.spec_from_file_location("bench_realbed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("bench_realbed")
     out, bed = built
     rec = bench.collect(realbed.read_status(out))
     assert rec["unfinished"] == ["ablation"] and set(rec["stages"]) == set(realbed.DEFAULT_STAGES)
@@ -274,12 +280,7 @@ def test_benchmark_report_reads_a_build(built):
 
 
 def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_path):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overrefusal_splits.py"
-    spec = importlib.util.spec_from_file_location("bench_overrefusal_splits", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("bench_overrefusal_splits")
     out, bed = built
     extra = tmp_path / "mine.jsonl"
     extra.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to three."}\n')
@@ -303,12 +304,7 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
 
 def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_path, monkeypatch):
     import dataclasses
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overrefusal_splits.py"
-    spec = importlib.util.spec_from_file_location("bench_overrefusal_splits_c", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("bench_overrefusal_splits")
     out, _ = built
     extra = tmp_path / "mine.jsonl"
     extra.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to three."}\n')
