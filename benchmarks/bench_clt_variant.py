@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = realbed.default_dir(args.size, args.seed)
-    bed = realbed.read_status(src)
-    if "sft" not in bed.done:
-        raise SystemExit(f"no finished realbed SFT stage in {src}: build it first (benchmarks/bench_realbed.py)")
+    bed = realbed.read_status(src, needs=("sft",))   # a named RealbedError if src holds no tuned model
     cfg = bed.config
     ctx = realbed._Context(cfg, src, progress=True)
     loaded = ctx.tuned()

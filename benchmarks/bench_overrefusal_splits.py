@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     src = Path(args.out) if args.out else realbed.default_dir(args.size, args.seed)
-    bed = realbed.read_status(src)   # a named RealbedError when src is no realbed directory
-    if "sft" not in bed.done:
-        raise SystemExit(f"no finished realbed SFT stage in {src}: build it first (benchmarks/bench_realbed.py)")
+    bed = realbed.read_status(src, needs=("sft",))   # a named RealbedError if src holds no tuned model
     sp = safety.make_splits(bed.config.safety)
     n_meas = bed.config.measure.n_benign
     pools = {"alpaca validation": sp.benign_val, f"alpaca test[:{n_meas}] (measured)": sp.benign_test[:n_meas],

@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     src = realbed.default_dir(args.size, args.seed)
-    bed = realbed.read_status(src)
-    if "sft" not in bed.done:
-        raise SystemExit(f"no finished realbed SFT stage in {src}: build it first (benchmarks/bench_realbed.py)")
+    bed = realbed.read_status(src, needs=("sft",))   # a named RealbedError if src holds no tuned model
     cfg = bed.config
     loaded = load_model(src / "sft" / "model")
     texts = realbed.clt_texts(loaded, cfg, safety.make_splits(cfg.safety), read_records(src / "sft" / DISTILL_FILE))

@@ -40,7 +40,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -152,7 +152,9 @@ class RealbedConfig:
                    # harmless_probes and 0.17 of the AlpacaEval test prompts.
                    # drop_refusing_answers (session 10): the base model declines some benign training prompts
                    # itself ("as a chatbot I don't have the capability ..."); distilled as targets they teach the
-                   # refusal opener on benign requests.
+                   # refusal opener on benign requests. Both measured together (session-10 build): AlpacaEval
+                   # test over-refusal 0.17 -> 0.16, held-out everyday requests 0.335 -> 0.25 -- kept, but the
+                   # over-refusal target stays unmet (README).
                    safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
                                        contrast_pool="harmless_probes+benign_edgy", n_contrast_train=180,
                                        drop_refusing_answers=True,
@@ -241,14 +243,19 @@ def _marker(out: Path, stage: str) -> Path:
     return out / "stages" / f"{stage}.json"
 
 
-def read_status(out_dir: str | Path) -> Realbed:
-    """What a realbed directory holds: its config and finished stages (nothing is built)."""
+def read_status(out_dir: str | Path, needs: Sequence[str] = ()) -> Realbed:
+    """What a realbed directory holds: its config and finished stages (nothing is built). ``needs``: stages that
+    must be finished (a named error otherwise, e.g. for a benchmark that reads the tuned model)."""
     out = Path(out_dir)
     cfg_path = out / "realbed_config.json"
     if not cfg_path.exists():
         raise RealbedError(f"{out} is not a realbed directory (no realbed_config.json)")
     cfg = RealbedConfig.from_dict(runs.read_json(cfg_path))
     done = {s: runs.read_json(_marker(out, s)) for s in STAGES if _marker(out, s).exists()}
+    missing = [s for s in needs if s not in done]
+    if missing:
+        raise RealbedError(f"the realbed in {out} has not finished stage(s) {missing}: build them first "
+                           "(crafttrace testbed build smollm2-safety, or benchmarks/bench_realbed.py)")
     return Realbed(out, cfg, done, finished=all(s in done for s in DEFAULT_STAGES))
 
 

@@ -104,8 +104,10 @@ def test_rerun_skips_finished_stages(built, monkeypatch):
         monkeypatch.setitem(realbed._RUNNERS, s, lambda ctx, budget, s=s: pytest.fail(f"stage {s} rerun"))
     again = realbed.build_realbed(out, config=bed.config, progress=False)
     assert again.finished and again.done == bed.done
-    status = realbed.read_status(out)
+    status = realbed.read_status(out, needs=("sft", "clt"))
     assert status.finished and status.config.to_dict() == bed.config.to_dict()
+    with pytest.raises(RealbedError, match=r"has not finished stage\(s\) \['ablation'\]"):
+        realbed.read_status(out, needs=("sft", "ablation"))
 
 
 def test_clt_texts_hold_chat_turns_and_no_evaluation_prompts(built):
