@@ -57,9 +57,10 @@ def collect(bed: realbed.Realbed) -> dict:
     if len(m) == 2:
         rec["comparison"] = realbed.compare_measurements(m["base"], m["tuned"])
     if "sft" in bed.done:
-        rec["sft"] = {k: bed.done["sft"].get(k) for k in ("steps", "n_harmful", "n_benign", "n_benign_given", "train_seconds", "loss_first_epoch",
-                                                         "loss_last_epoch", "lora_parameters", "adapted_layers",
-                                                         "merge_scale", "calibration")}
+        rec["sft"] = {k: bed.done["sft"].get(k) for k in ("steps", "n_harmful", "n_benign", "n_benign_given",
+                                                         "train_seconds", "loss_first_epoch", "loss_last_epoch",
+                                                         "lora_parameters", "adapted_layers", "merge_scale",
+                                                         "calibration")}
     if "clt" in bed.done:
         rec["clt"] = {k: v for k, v in bed.done["clt"].items() if k not in ("stage", "key", "finished_at")}
     if "graphs" in bed.done:
