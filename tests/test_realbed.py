@@ -316,3 +316,47 @@ def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_pa
     rec = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--skip-alpaca",
                       "--results", ""])
     assert [(r["pool"], r["n"]) for r in rec["rows"]] == [(f"{extra} (held-out contrast)", 1)]
+
+
+def cfg_batch(cache) -> int:
+    return json.loads((cache / "cache.json").read_text())["clt"]["batch_tokens"]
+
+
+def test_clt_probe_benchmark_trains_reproducibly_on_cached_activations(built, tmp_path):
+    from crafttrace.runs import read_tensors
+    bench = _benchmark("bench_clt_probe")
+    out, bed = built
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit, match="no activation cache"):
+        bench.main(["run", "x", "{}", "--cache", str(cache), "--threads", "1"])
+    bench.main(["collect", "--out", str(out), "--chunks", "2", "--cache", str(cache), "--threads", "1"])
+    chunk = read_tensors(cache / "chunk0.safetensors")
+    assert chunk["x"].dtype == torch.float16 and chunk["x"].shape == chunk["y"].shape
+    assert len(chunk["x"]) == bed.config.clt.chunk_tokens and (cache / "chunk1.safetensors").exists()
+    args = ["run", "p", '{"lr": 0.01}', "--steps", "3", "--cache", str(cache), "--threads", "1"]
+    first, again = bench.main(args), bench.main(args)
+    assert [r["step"] for r in first["rows"]] == [0, 3] and first["rows"][1]["tokens"] == 3 * cfg_batch(cache)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rows]
+    assert strip(first["rows"]) == strip(again["rows"])            # same cache, same seed: same numbers
+    rec = tmp_path / "probes.json"
+    bench.main(args + ["--record", str(rec)])
+    bench.main(args[:1] + ["q"] + args[2:] + ["--record", str(rec), "--chunks", "1"])
+    bench.main(args + ["--record", str(rec)])                     # the same name again replaces its entry
+    runs = json.loads(rec.read_text())
+    assert [(r["name"], r["chunks"]) for r in runs] == [("q", 1), ("p", 2)] and "--chunks 1" in runs[0]["command"]
+    with pytest.raises(SystemExit, match="--chunks must be in"):
+        bench.main(args + ["--chunks", "3"])
+    assert first["rows"][1]["eval_nmse"] < first["rows"][0]["eval_nmse"]
+
+    # the init variants do what they say on the first chunk
+    cfg = bench.CLTTrainConfig.from_dict(json.loads((cache / "cache.json").read_text())["clt"])
+    x0, y0 = chunk["x"].float(), chunk["y"].float()
+    tr = bench._Trainer(x0.shape[1], x0.shape[2], cfg)
+    tr.initialise_from(x0, y0)
+    bench._init(tr, "centred", x0, y0)
+    with torch.no_grad():
+        pre = tr.clt.pre_activations(x0 / tr.in_scale[:, None])
+    assert pre.mean(0).abs().max() < 1e-3 * pre.std()
+    bench._init(tr, "data", x0, y0)
+    enc_norms = tr.clt.W_enc.norm(dim=-1)
+    assert torch.allclose(enc_norms, torch.ones_like(enc_norms), atol=1e-4) and torch.all(tr.clt.b_enc == 0)
