@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
              f"alpaca test[{n_meas}:] (never read)": sp.benign_test[n_meas:]} if not args.skip_alpaca else {}
     trained = {safety._norm(p) for p in sp.contrast_train}   # contrast prompts the SFT answered: not measured
     for name in args.extra:
-        kept = [p for p in data.prompts(name) if safety._norm(p) not in trained]
-        pools[name if len(kept) == len(data.prompts(name)) else f"{name} (held-out contrast)"] = kept
+        every = data.prompts(name)
+        kept = [p for p in every if safety._norm(p) not in trained]
+        pools[name if len(kept) == len(every) else f"{name} (held-out contrast)"] = kept
     pools = {k: v for k, v in pools.items() if v}
     det, rows, t0 = RefusalDetector(), [], time.time()
     for which in args.models:

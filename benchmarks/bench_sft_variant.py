@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     m = res.metrics
     print(args.name, args.overrides, "seconds", round(time.time() - t0), "loss", m["loss_first_epoch"],
           m["loss_last_epoch"])
-    for r in m["calibration"]["rows"]:
+    # one merge scale: no calibration, the adapters are merged at that scale (measure it with --measure-only)
+    for r in m.get("calibration", {}).get("rows", []):
         print("  scale", r["scale"], "refusal", round(r["refusal"], 3), "over", round(r["over_refusal"], 3))
+    print("  merged at scale", m["merge_scale"])
     return m
 
 
