@@ -20,7 +20,10 @@ input, the usual SAE input centring: SmolLM2's ``hook_resid_mid`` has a mean tha
 or ``data`` (each feature starts as one training token: encoder = its centred input direction, decoder = what
 the skip connection leaves unexplained of its outputs, divided by k).
 
-Session 11 (seed 0, 2 threads; results in the session-11 section of the README): see the README for numbers.
+Session 11 (seed 0, 2 threads, session-10 build): every ``run`` above with ``--chunks 4 --record
+benchmarks/results/smollm2_safety/clt_probes_default_seed0.json`` (``fresh8``: no ``--chunks``, all 8); the
+numbers and what they say are in the README's CLT paragraph. Short version: held-out NMSE follows the number of
+training tokens; features, steps at fixed tokens, centring and learning rate barely move it.
 """
 
 from __future__ import annotations
