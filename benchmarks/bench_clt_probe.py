@@ -16,7 +16,7 @@ safetensors. ``run`` starts from that build's ``CLTTrainConfig`` (kept in ``cach
 ``total_tokens = steps * batch_tokens`` (so warm-up and decay scale with the probe), cycles over the cached chunks
 in seeded orders, and prints the held-out NMSE (mean over layers, of the TopK model before export) and L0 every 50
 steps with the seconds per step. ``--init``: ``default`` (the trainer's), ``centred`` (b_enc = -W_enc @ mean
-input, the usual SAE input centring: SmolLM2's ``hook_resid_mid`` has a mean that is 30-60 % of its squared norm)
+input, the usual SAE input centring; ``collect`` prints the mean's share of each layer's squared input norm)
 or ``data`` (each feature starts as one training token: encoder = its centred input direction, decoder = what
 the skip connection leaves unexplained of its outputs, divided by k).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -53,14 +54,19 @@ def collect(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     x, y = stream.eval_set()
     keep = inlier_mask(x, cfg.clt.outlier_norm_ratio)
-    write_tensors(cache / "eval.safetensors", {"x": x[keep].half(), "y": y[keep].half()})
+    x, y = x[keep], y[keep]
+    write_tensors(cache / "eval.safetensors", {"x": x.half(), "y": y.half()})
+    # share of each layer's mean squared input norm that is the mean input (what ``--init centred`` removes)
+    mean_share = 1 - (x - x.mean(0)).pow(2).sum(-1).mean(0) / x.pow(2).sum(-1).mean(0)
+    print("input mean share of E||x||^2 per layer", [round(v, 2) for v in mean_share.tolist()], flush=True)
     for c, x, y in stream.chunks(0):
         keep = inlier_mask(x, cfg.clt.outlier_norm_ratio)
         write_tensors(cache / f"chunk{c}.safetensors", {"x": x[keep].half(), "y": y[keep].half()})
         print("chunk", c, int(keep.sum()), "positions", flush=True)
         if c + 1 >= args.chunks:
             break
-    write_json(cache / "cache.json", {"realbed": str(src), "chunks": args.chunks, "clt": cfg.clt.to_dict()})
+    write_json(cache / "cache.json", {"realbed": str(src), "chunks": args.chunks, "clt": cfg.clt.to_dict(),
+                                      "input_mean_share": mean_share.tolist()})
 
 
 @torch.no_grad()
@@ -83,7 +89,7 @@ def _init(tr: _Trainer, how: str, x0: torch.Tensor, y0: torch.Tensor) -> None:
             clt.W_dec[l].copy_((resid / scale[:, None, None]).transpose(0, 1))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, cli: list[str]) -> dict:
     cache = Path(args.cache)
     if not (cache / "cache.json").exists():
         raise SystemExit(f"no activation cache in {cache}: run `python {Path(__file__).name} collect` first")
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
     xe, ye = ev["x"].float(), ev["y"].float()
     n_chunks = meta["chunks"] if args.chunks is None else args.chunks
     if not 1 <= n_chunks <= meta["chunks"]:
-        raise SystemExit(f"--chunks must be in [1, {meta['chunks']}] (the cache holds {meta['chunks']}), got {n_chunks}")
+        raise SystemExit(f"--chunks must be in [1, {meta['chunks']}] (the cache holds {meta['chunks']}), "
+                         f"got {n_chunks}")
     chunks = [read_tensors(cache / f"chunk{c}.safetensors") for c in range(n_chunks)]
     tr = _Trainer(xe.shape[1], xe.shape[2], cfg)
     x0, y0 = chunks[0]["x"].float(), chunks[0]["y"].float()
@@ -128,18 +135,12 @@ def run(args: argparse.Namespace) -> dict:
         epoch += 1
     result = {"name": args.name, "overrides": json.loads(args.overrides), "init": args.init, "chunks": n_chunks,
               "chunk_tokens": cfg.chunk_tokens, "threads": args.threads, "rows": rows,
-              "command": "python benchmarks/bench_clt_probe.py " + " ".join(argv_of(args))}
+              "command": "python benchmarks/bench_clt_probe.py " + " ".join(cli)}
     if args.record:   # one JSON list of runs, rewritten atomically; a rerun of the same name replaces its entry
         path = Path(args.record)
         runs = [r for r in (read_json(path) if path.exists() else []) if r["name"] != args.name]
         write_json(path, runs + [result])
     return result
-
-
-def argv_of(args: argparse.Namespace) -> list[str]:
-    out = ["run", args.name, f"'{args.overrides}'", "--steps", str(args.steps), "--init", args.init,
-           "--threads", str(args.threads)]
-    return out + (["--chunks", str(args.chunks)] if args.chunks is not None else [])
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.cmd == "collect":
         collect(args)
         return None
-    return run(args)
+    return run(args, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -318,10 +318,6 @@ def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_pa
     assert [(r["pool"], r["n"]) for r in rec["rows"]] == [(f"{extra} (held-out contrast)", 1)]
 
 
-def cfg_batch(cache) -> int:
-    return json.loads((cache / "cache.json").read_text())["clt"]["batch_tokens"]
-
-
 def test_clt_probe_benchmark_trains_reproducibly_on_cached_activations(built, tmp_path):
     from crafttrace.runs import read_tensors
     bench = _benchmark("bench_clt_probe")
@@ -331,11 +327,15 @@ def test_clt_probe_benchmark_trains_reproducibly_on_cached_activations(built, tm
         bench.main(["run", "x", "{}", "--cache", str(cache), "--threads", "1"])
     bench.main(["collect", "--out", str(out), "--chunks", "2", "--cache", str(cache), "--threads", "1"])
     chunk = read_tensors(cache / "chunk0.safetensors")
+    meta = json.loads((cache / "cache.json").read_text())
+    share = meta["input_mean_share"]
+    assert len(share) == chunk["x"].shape[1] and all(0 <= v <= 1 for v in share)
     assert chunk["x"].dtype == torch.float16 and chunk["x"].shape == chunk["y"].shape
     assert len(chunk["x"]) == bed.config.clt.chunk_tokens and (cache / "chunk1.safetensors").exists()
     args = ["run", "p", '{"lr": 0.01}', "--steps", "3", "--cache", str(cache), "--threads", "1"]
     first, again = bench.main(args), bench.main(args)
-    assert [r["step"] for r in first["rows"]] == [0, 3] and first["rows"][1]["tokens"] == 3 * cfg_batch(cache)
+    assert [r["step"] for r in first["rows"]] == [0, 3]
+    assert first["rows"][1]["tokens"] == 3 * meta["clt"]["batch_tokens"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rows]
     assert strip(first["rows"]) == strip(again["rows"])            # same cache, same seed: same numbers
     rec = tmp_path / "probes.json"
@@ -349,7 +349,7 @@ def test_clt_probe_benchmark_trains_reproducibly_on_cached_activations(built, tm
     assert first["rows"][1]["eval_nmse"] < first["rows"][0]["eval_nmse"]
 
     # the init variants do what they say on the first chunk
-    cfg = bench.CLTTrainConfig.from_dict(json.loads((cache / "cache.json").read_text())["clt"])
+    cfg = bench.CLTTrainConfig.from_dict(meta["clt"])
     x0, y0 = chunk["x"].float(), chunk["y"].float()
     tr = bench._Trainer(x0.shape[1], x0.shape[2], cfg)
     tr.initialise_from(x0, y0)
