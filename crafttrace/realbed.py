@@ -276,8 +276,9 @@ def _stage_keys(cfg: RealbedConfig) -> dict[str, str]:
     k["sft_train"] = h("sft", k["distill"], cfg.safety.training_dict())
     k["sft"] = h("sft-merge", k["sft_train"], cfg.safety.identity_dict())
     # the base model's measurement depends on the held-out benign split, i.e. on the distillation fields only
-    # (less the contrast prompts: they change what is trained on, not what is held out)
-    held = {k: v for k, v in cfg.safety.distill_dict().items() if k not in ("contrast_pool", "n_contrast_train")}
+    # (less the contrast and extra prompts: they change what is trained on, not what is held out)
+    held = {k: v for k, v in cfg.safety.distill_dict().items()
+            if k not in ("contrast_pool", "n_contrast_train", "extra_benign_pool", "n_extra_benign")}
     k["measure_base"] = h("measure", cfg.base, held, dataclasses.asdict(cfg.measure))
     k["measure_tuned"] = h("measure", k["sft"], dataclasses.asdict(cfg.measure))
     k["clt"] = h("clt", k["sft"], cfg.clt.identity_dict(), cfg.n_corpus_texts, cfg.corpus)

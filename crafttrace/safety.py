@@ -60,7 +60,8 @@ REFUSALS: tuple[str, ...] = (
 CALIBRATION_FIELDS = ("merge_scales", "target_refusal", "max_over_refusal", "n_calibration", "calibration_tokens",
                       "calibration_pool", "calibration_split")
 DISTILL_FIELDS = ("benign_pool", "n_benign_train", "n_benign_test", "heldout_pools", "distill_max_new_tokens",
-                  "batch_size_generate", "seed", "contrast_pool", "n_contrast_train")
+                  "batch_size_generate", "seed", "contrast_pool", "n_contrast_train", "extra_benign_pool",
+                  "n_extra_benign")
 # Request phrasings for training-prompt augmentation (``SafetyConfig.styled_frac``). AdvBench is almost all bare
 # imperatives ("Write a tutorial on ..."); held-out harmful requests are often questions or polite asks, and a
 # model tuned on imperatives only learned "refuse imperatives about harm". Benign prompts get the same
@@ -106,6 +107,8 @@ INERT_FIELDS = {
     "contrast_pool": lambda c: c.contrast_pool == "",
     "n_contrast_train": lambda c: c.contrast_pool == "",
     "drop_refusing_answers": lambda c: not c.drop_refusing_answers,
+    "extra_benign_pool": lambda c: c.extra_benign_pool == "",
+    "n_extra_benign": lambda c: c.extra_benign_pool == "",
 }
 
 
@@ -177,6 +180,14 @@ class SafetyConfig:
     # have the capability ..."), and self-distillation then trains "I'm sorry" as an answer to benign requests --
     # the same opener the refusal templates teach for harmful ones.
     drop_refusing_answers: bool = False
+    # more benign requests answered by self-distillation, from a pool other than ``benign_pool`` (e.g. IFEval's
+    # instructions): AlpacaEval has no more prompts to spare once its test and validation splits are set aside,
+    # and the tuned model's false refusals on held-out AlpacaEval prompts are everyday requests ("How do I sew a
+    # button on a shirt?") rather than prompts in harmful phrasings. Shuffled by seed; the first n_extra_benign are
+    # trained on (``Splits.extra_train``), the rest stay held out (``Splits.extra_heldout``) -- for IFEval that
+    # is the part a capability check of the tuned model may use.
+    extra_benign_pool: str = ""
+    n_extra_benign: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -218,6 +229,9 @@ class SafetyConfig:
         if self.n_contrast_train < 0 or (self.n_contrast_train > 0) != bool(self.contrast_pool):
             problems.append(f"contrast_pool ({self.contrast_pool!r}) and n_contrast_train ({self.n_contrast_train}) "
                             "go together: both set (n >= 1) or both off")
+        if self.n_extra_benign < 0 or (self.n_extra_benign > 0) != bool(self.extra_benign_pool):
+            problems.append(f"extra_benign_pool ({self.extra_benign_pool!r}) and n_extra_benign "
+                            f"({self.n_extra_benign}) go together: both set (n >= 1) or both off")
         if problems:
             raise SafetyTuningError("invalid SafetyConfig: " + "; ".join(problems))
 
@@ -271,11 +285,14 @@ class Splits:
     excluded: list[str] = field(default_factory=list)  # pool prompts that also occur in an evaluation pool
     contrast_train: list[str] = field(default_factory=list)    # cfg.contrast_pool prompts trained on (answered)
     contrast_heldout: list[str] = field(default_factory=list)  # the rest of cfg.contrast_pool
+    extra_train: list[str] = field(default_factory=list)       # cfg.extra_benign_pool prompts trained on
+    extra_heldout: list[str] = field(default_factory=list)     # the rest of cfg.extra_benign_pool
 
     @property
     def distill_prompts(self) -> list[str]:
-        """The prompts answered by self-distillation: AlpacaEval training prompts, then contrast prompts."""
-        return self.benign_train + self.contrast_train
+        """The prompts answered by self-distillation: AlpacaEval training prompts, contrast prompts, then the
+        extra benign prompts (appended last, so adding them reuses a cached distillation of the others)."""
+        return self.benign_train + self.contrast_train + self.extra_train
 
 
 def _norm(prompt: str) -> str:
@@ -333,10 +350,20 @@ def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
         if cfg.n_contrast_train > len(c):
             raise SafetyTuningError(f"n_contrast_train={cfg.n_contrast_train} but the contrast pool "
                                     f"{cfg.contrast_pool!r} has only {len(c)} usable prompts")
+    e: list[str] = []
+    if cfg.extra_benign_pool:
+        taken = banned | {_norm(p) for p in harmful + benign + c}
+        pool = data.prompts(cfg.extra_benign_pool)
+        excluded += [p for p in pool if _norm(p) in banned]
+        e = _shuffled(dict.fromkeys(p for p in pool if _norm(p) not in taken), cfg.seed, "extra-benign")
+        if cfg.n_extra_benign > len(e):
+            raise SafetyTuningError(f"n_extra_benign={cfg.n_extra_benign} but the extra benign pool "
+                                    f"{cfg.extra_benign_pool!r} has only {len(e)} usable prompts")
     return Splits(h[:cfg.n_harmful_train], h[cfg.n_harmful_train:],
                   b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test],
                   b[cfg.n_benign_test + cfg.n_benign_train:], excluded,
-                  c[:cfg.n_contrast_train], c[cfg.n_contrast_train:])
+                  c[:cfg.n_contrast_train], c[cfg.n_contrast_train:],
+                  e[:cfg.n_extra_benign], e[cfg.n_extra_benign:])
 
 
 # ------------------------------------------------------------------------------------------ distillation

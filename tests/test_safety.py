@@ -130,6 +130,35 @@ def test_contrast_prompts_split_seeded_disjoint_and_distilled_after_benign(monke
     assert SafetyConfig(contrast_pool="cpool", n_contrast_train=3).distill_dict()["n_contrast_train"] == 3
 
 
+def test_extra_benign_prompts_split_after_contrast_and_disjoint(monkeypatch):
+    from crafttrace import data
+    pools = {"cpool": ["c0", "c1", "c2", "c3"], "xpool": ["x0", "x1", "x2", "c1", "b3", "E1", "x3", "x4", "x0"]}
+    monkeypatch.setattr(data, "prompts", lambda name, split=None: pools[name])
+    harmful, benign = [f"h{i}" for i in range(10)], [f"b{i}" for i in range(10)]
+    kw = dict(n_harmful_train=4, n_benign_train=3, n_benign_test=2, contrast_pool="cpool", n_contrast_train=2)
+    plain = safety.make_splits(tiny_config(**kw), harmful, benign, exclude=["e1"])
+    a = safety.make_splits(tiny_config(**kw, extra_benign_pool="xpool", n_extra_benign=3), harmful, benign,
+                           exclude=["e1"])
+    # prompts of the other pools (two targets) and evaluation prompts are left out; duplicates count once
+    assert sorted(a.extra_train + a.extra_heldout) == [f"x{i}" for i in range(5)] and len(a.extra_train) == 3
+    assert "E1" in a.excluded
+    # appended last: the other splits do not move, so a cached distillation of them is a prefix
+    assert a.distill_prompts == plain.distill_prompts + a.extra_train
+    assert (a.benign_test, a.contrast_train, a.harmful_train) == (plain.benign_test, plain.contrast_train,
+                                                                  plain.harmful_train)
+    b = safety.make_splits(tiny_config(**kw, extra_benign_pool="xpool", n_extra_benign=3, seed=1), harmful, benign,
+                           exclude=["e1"])
+    assert sorted(b.extra_train + b.extra_heldout) == sorted(a.extra_train + a.extra_heldout)
+    with pytest.raises(SafetyTuningError, match="only 5 usable prompts"):
+        safety.make_splits(tiny_config(**kw, extra_benign_pool="xpool", n_extra_benign=6), harmful, benign,
+                           exclude=["e1"])
+    with pytest.raises(SafetyTuningError, match="extra_benign_pool .* go together"):
+        tiny_config(n_extra_benign=3)
+    # inert when off (cached builds keep their keys); part of the distillation key when on
+    assert "extra_benign_pool" not in SafetyConfig().distill_dict()
+    assert SafetyConfig(extra_benign_pool="xpool", n_extra_benign=3).distill_dict()["n_extra_benign"] == 3
+
+
 def test_default_splits_hold_out_every_evaluation_prompt():
     from crafttrace import data
     s = safety.make_splits(SafetyConfig())
