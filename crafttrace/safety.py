@@ -340,25 +340,21 @@ def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
                                 f"the benign pool {cfg.benign_pool!r} has only {len(benign)} prompts")
     h = _shuffled(harmful, cfg.seed, "harmful")
     b = _shuffled(benign, cfg.seed, "benign")
-    c: list[str] = []
-    if cfg.contrast_pool:
-        # a contrast prompt that is also a harmful-pool or benign-pool prompt would get two targets
-        taken = banned | {_norm(p) for p in harmful + benign}
-        pool = data.prompts(cfg.contrast_pool)
-        excluded += [p for p in pool if _norm(p) in banned]
-        c = _shuffled(dict.fromkeys(p for p in pool if _norm(p) not in taken), cfg.seed, "contrast")
-        if cfg.n_contrast_train > len(c):
-            raise SafetyTuningError(f"n_contrast_train={cfg.n_contrast_train} but the contrast pool "
-                                    f"{cfg.contrast_pool!r} has only {len(c)} usable prompts")
-    e: list[str] = []
-    if cfg.extra_benign_pool:
-        taken = banned | {_norm(p) for p in harmful + benign + c}
-        pool = data.prompts(cfg.extra_benign_pool)
-        excluded += [p for p in pool if _norm(p) in banned]
-        e = _shuffled(dict.fromkeys(p for p in pool if _norm(p) not in taken), cfg.seed, "extra-benign")
-        if cfg.n_extra_benign > len(e):
-            raise SafetyTuningError(f"n_extra_benign={cfg.n_extra_benign} but the extra benign pool "
-                                    f"{cfg.extra_benign_pool!r} has only {len(e)} usable prompts")
+    def side_pool(name: str, n: int, field: str, salt: str, taken: set[str]) -> list[str]:
+        # a prompt of a side pool that is also a prompt of another pool would get two targets
+        if not name:
+            return []
+        pool = data.prompts(name)
+        excluded.extend(p for p in pool if _norm(p) in banned)
+        out = _shuffled(dict.fromkeys(p for p in pool if _norm(p) not in taken | banned), cfg.seed, salt)
+        if n > len(out):
+            raise SafetyTuningError(f"{field}={n} but the pool {name!r} has only {len(out)} usable prompts")
+        return out
+
+    taken = {_norm(p) for p in harmful + benign}
+    c = side_pool(cfg.contrast_pool, cfg.n_contrast_train, "n_contrast_train", "contrast", taken)
+    e = side_pool(cfg.extra_benign_pool, cfg.n_extra_benign, "n_extra_benign", "extra-benign",
+                  taken | {_norm(p) for p in c})
     return Splits(h[:cfg.n_harmful_train], h[cfg.n_harmful_train:],
                   b[cfg.n_benign_test:cfg.n_benign_test + cfg.n_benign_train], b[:cfg.n_benign_test],
                   b[cfg.n_benign_test + cfg.n_benign_train:], excluded,
