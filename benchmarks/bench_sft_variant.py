@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="default", choices=realbed.SIZES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run directory (default: /tmp/crafttrace_sft_<name>)")
+    ap.add_argument("--source", default=None,
+                    help="the built realbed whose distilled answers and base model are used (default: the cached "
+                         "build of --size/--seed)")
     ap.add_argument("--copy-checkpoint", action="store_true",
                     help="start from the built realbed's SFT checkpoint (same training settings only)")
     ap.add_argument("--threads", type=int, default=None)
@@ -60,8 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    src = realbed.default_dir(args.size, args.seed)
-    d = realbed.read_status(src).config.safety.to_dict()
+    src = Path(args.source) if args.source else realbed.default_dir(args.size, args.seed)
+    built = realbed.read_status(src).config
+    d = built.safety.to_dict()
     d.update(PROBE)
     d.update(json.loads(args.overrides))
     cfg = SafetyConfig.from_dict(d)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(out).mkdir(parents=True, exist_ok=True)
         if not (Path(out) / DISTILL_FILE).exists():
             shutil.copy(src / "sft" / DISTILL_FILE, Path(out) / DISTILL_FILE)
-        base_model = load_model(realbed.RealbedConfig.preset(args.size, args.seed).base)
+        base_model = load_model(built.base)
         benign = distill(base_model, sp.distill_prompts, cfg, out, progress=True)
     if args.measure_only:
         return measure_only(args.name, out, sp.benign_test)
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copytree(src / "sft" / "checkpoint", f"{out}/checkpoint", dirs_exist_ok=True)
     hv, bv = calibration_prompts(cfg, sp)
     t0 = time.time()
-    res = train_safety(load_model(realbed.RealbedConfig.preset(args.size, args.seed).base), sp.harmful_train,
+    res = train_safety(load_model(built.base), sp.harmful_train,
                        benign, cfg, out, harmful_val=hv, benign_val=bv, progress=False)
     m = res.metrics
     print(args.name, args.overrides, "seconds", round(time.time() - t0), "loss", m["loss_first_epoch"],

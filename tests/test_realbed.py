@@ -360,3 +360,25 @@ def test_clt_probe_benchmark_trains_reproducibly_on_cached_activations(built, tm
     bench._init(tr, "data", x0, y0)
     enc_norms = tr.clt.W_enc.norm(dim=-1)
     assert torch.allclose(enc_norms, torch.ones_like(enc_norms), atol=1e-4) and torch.all(tr.clt.b_enc == 0)
+
+
+def test_sft_variant_benchmark_appends_extra_prompts_and_merges_at_one_scale(built, tmp_path, monkeypatch, capsys):
+    """bench_sft_variant on a build: the extra benign prompts are distilled after the build's cached answers, and
+    a single merge scale skips calibration and says which scale it merged at (it used to crash there)."""
+    bench = _benchmark("bench_sft_variant")
+    out, _ = built
+    real_prompts = data.prompts
+    extra = ["Name a colour.", "Count to three.", "Spell the word cat."]
+    monkeypatch.setattr(data, "prompts", lambda name, split=None: list(extra) if name == "test_extra"
+                        else real_prompts(name, split=split))
+    run = tmp_path / "variant"
+    overrides = {"merge_scales": [0.5], "extra_benign_pool": "test_extra", "n_extra_benign": 2}
+    m = bench.main(["x", json.dumps(overrides), "--source", str(out), "--out", str(run), "--threads", "1"])
+    assert m["merge_scale"] == 0.5 and "calibration" not in m
+    assert "merged at scale 0.5" in capsys.readouterr().out
+    before, recs = data.read_records(out / "sft" / "distill.jsonl"), data.read_records(run / "distill.jsonl")
+    assert recs[:len(before)] == before and [r["prompt"] for r in recs[len(before):]] == \
+        safety.make_splits(SafetyConfig.from_pretrained(run / safety.MODEL_DIR)).extra_train
+    assert (run / safety.MODEL_DIR / "config.json").exists()
+    with pytest.raises(SystemExit, match="change the benign training prompts"):
+        bench.main(["y", '{"n_benign_train": 5}', "--source", str(out), "--out", str(tmp_path / "y")])
