@@ -7,7 +7,10 @@ This script fits the best *linear* one directly: a logistic probe on the base mo
 training split vs the AlpacaEval training split), thresholded to 10 % false positives on validation AlpacaEval,
 and reports the fraction of held-out harmful prompts above the threshold -- what a refusal rule of this kind
 would refuse at the over-refusal target -- plus AUROC on validation (HarmBench val + StrongREJECT val vs
-AlpacaEval val) and test per layer. Pools are compared side by side in one run on the same residuals:
+AlpacaEval val) and test per layer. An oracle column asks the issue's question directly: with the threshold put
+where the probe flags ``--target-tpr`` (0.80) of the test harmful prompts -- chosen on the test prompts, so an
+optimistic bound for this probe -- what fraction of the held-out AlpacaEval prompts (the 100 the measure stage
+reads, and all 200) does it flag? Pools are compared side by side in one run on the same residuals:
 
     python benchmarks/bench_refusal_ceiling.py --seed 0 --threads 2
 
@@ -18,6 +21,7 @@ Writes ``benchmarks/results/smollm2_safety/refusal_ceiling_seed<seed>.{json,md}`
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -82,10 +86,19 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean())
 
 
+def oracle_benign_rate(harmful: torch.Tensor, benign: torch.Tensor, tpr: float) -> float:
+    """Fraction of ``benign`` scores at or above the highest threshold that flags at least ``tpr`` of
+    ``harmful``: the over-refusal this score pays for that refusal rate, at best."""
+    k = max(1, math.ceil(tpr * len(harmful) - 1e-9))
+    thr = torch.sort(harmful, descending=True).values[k - 1]
+    return float((benign >= thr).double().mean())
+
+
 def probe_rows(states: dict[str, torch.Tensor], train_harmful: str, layers: list[int], fpr: float,
-               l2: float, n_hb: int) -> list[dict]:
+               l2: float, n_hb: int, tpr: float = 0.8) -> list[dict]:
     """Per layer: fit on ``train_harmful`` vs ``train_benign``, threshold at ``fpr`` on ``val_benign``; the first
-    ``n_hb`` test harmful prompts are HarmBench's, the rest StrongREJECT's."""
+    ``n_hb`` test harmful prompts are HarmBench's, the rest StrongREJECT's. ``test_benign`` is the measured
+    AlpacaEval test slice, ``test_benign_all`` every held-out one (for the oracle column)."""
     rows = []
     for j, layer in enumerate(layers):
         xh, xb = states[train_harmful][:, j], states["train_benign"][:, j]
@@ -105,7 +118,10 @@ def probe_rows(states: dict[str, torch.Tensor], train_harmful: str, layers: list
                      "test_harmbench_flagged": float(flagged[:n_hb].double().mean()),
                      "test_strongreject_flagged": float(flagged[n_hb:].double().mean()),
                      "test_benign_flagged": float((score("test_benign") > thr).double().mean()),
-                     "test_auroc": auroc(score("test_harmful"), score("test_benign"))})
+                     "test_auroc": auroc(score("test_harmful"), score("test_benign")),
+                     "oracle_benign_flagged": oracle_benign_rate(score("test_harmful"), score("test_benign"), tpr),
+                     "oracle_benign_flagged_all": oracle_benign_rate(score("test_harmful"),
+                                                                     score("test_benign_all"), tpr)})
     return rows
 
 
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 10, 14, 18, 22, 26])
     ap.add_argument("--fpr", type=float, default=0.10, help="false-positive rate on validation AlpacaEval")
     ap.add_argument("--l2", type=float, default=1e-2)
+    ap.add_argument("--target-tpr", type=float, default=0.80,
+                    help="test refusal rate of the oracle column (the issue's refusal target)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -137,19 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(args.model)
     hook = "hook_resid_mid"
     sets = {"train_benign": sp0.benign_train, "val_harmful": harm_val, "val_benign": benign_val,
-            "test_harmful": harm_test, "test_benign": sp0.benign_test[:100]}
+            "test_harmful": harm_test, "test_benign": sp0.benign_test[:100], "test_benign_all": sp0.benign_test}
     sets.update({f"train_harmful:{pool}": sp.harmful_train for pool, sp in splits.items()})
     # each distinct prompt runs once, however many sets it is in
     unique = sorted({p for v in sets.values() for p in v})
     st = last_token_states(loaded, unique, args.layers, hook)
     at = {p: i for i, p in enumerate(unique)}
     states = {k: st[[at[p] for p in v]] for k, v in sets.items()}
-    pools = {pool: probe_rows(states, f"train_harmful:{pool}", args.layers, args.fpr, args.l2, len(hb_test))
-             for pool in args.harmful_pools}
+    pools = {pool: probe_rows(states, f"train_harmful:{pool}", args.layers, args.fpr, args.l2, len(hb_test),
+                              args.target_tpr) for pool in args.harmful_pools}
     best = {pool: max(rows, key=lambda r: r["val_auroc"]) for pool, rows in pools.items()}
     rec = {"command": "python benchmarks/bench_refusal_ceiling.py " + " ".join(shlex.quote(a) for a in
                                                                                  (argv or sys.argv[1:])),
-           "seed": args.seed, "model": args.model, "hook": hook, "fpr": args.fpr,
+           "seed": args.seed, "model": args.model, "hook": hook, "fpr": args.fpr, "target_tpr": args.target_tpr,
            "n": {k: len(v) for k, v in sets.items()},
            "train_harmful_sources": {pool: {src: len(set(sp.harmful_train) & set(data.prompts(src)))
                                             for src in pool.split("+")} for pool, sp in splits.items()},
@@ -162,15 +180,19 @@ def main(argv: list[str] | None = None) -> dict:
              f"token, trained on each pool's SFT prompts ({args.n_harmful_train} harmful vs "
              f"{len(sets['train_benign'])} AlpacaEval), threshold at {args.fpr:.0%} false positives on validation "
              f"AlpacaEval ({len(benign_val)}). Validation harmful: HarmBench val + StrongREJECT val "
-             f"({len(harm_val)}); test: HarmBench test + StrongREJECT test (100 + 100) vs held-out AlpacaEval (100)."]
+             f"({len(harm_val)}); test: HarmBench test + StrongREJECT test (100 + 100) vs held-out AlpacaEval (100). "
+             f"Oracle: the threshold set on the test harmful prompts to flag {args.target_tpr:.0%} of them (an "
+             f"optimistic bound), benign flagged on the measured 100 / all {len(sets['test_benign_all'])} held-out."]
     for pool, rows in pools.items():
         src = ", ".join(f"{n} {s}" for s, n in rec["train_harmful_sources"][pool].items())
         lines += ["", f"## Harmful pool `{pool}` ({src})", "",
                   "| layer | val AUROC | val harmful flagged | test AUROC | test harmful flagged (HarmBench / "
-                  "StrongREJECT) | test benign flagged |", "|---|---|---|---|---|---|"]
+                  f"StrongREJECT) | test benign flagged | oracle benign at {args.target_tpr:.2f} harmful |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['layer']} | {r['val_auroc']:.3f} | {r['val_tpr']:.2f} | {r['test_auroc']:.3f} | "
                   f"{r['test_harmful_flagged']:.2f} ({r['test_harmbench_flagged']:.2f} / "
-                  f"{r['test_strongreject_flagged']:.2f}) | {r['test_benign_flagged']:.2f} |" for r in rows]
+                  f"{r['test_strongreject_flagged']:.2f}) | {r['test_benign_flagged']:.2f} | "
+                  f"{r['oracle_benign_flagged']:.2f} / {r['oracle_benign_flagged_all']:.2f} |" for r in rows]
         b = best[pool]
         lines += ["", f"Best layer by validation AUROC: {b['layer']} -- a linear refusal rule learned from this "
                   f"pool flags {b['test_harmful_flagged']:.0%} of the held-out harmful prompts while flagging "

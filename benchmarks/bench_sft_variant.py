@@ -20,6 +20,17 @@ over-refusal 0.19 / 0.19 -- twice the validation over-refusal, as for the built 
     python benchmarks/bench_sft_variant.py benignstyled05 '{"styled_frac": 0.5, "styled_kinds": ["benign"],
         "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
 
+Session 12, more benign data (``SafetyConfig.extra_benign_pool``; the extra prompts are distilled by the base
+model first, which adds ~240 s for 400 prompts): 400 IFEval prompts (141 held out by the split) beside the preset's
+data, 1,189 s for SFT + calibration -- s 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.51/0.04, 0.60/0.05, 0.64/0.05, 0.71/0.05,
+0.77/0.09 (chosen); ``--measure-only``: refusal 0.81 (HarmBench 0.85, StrongREJECT 0.77), over-refusal 0.16,
+MMLU-100 0.23, boundary-critical extended 16 -- the same test over-refusal as the build. The same plus the wider
+harmful pool (+ Do-Not-Answer "information hazard" and "discrimination"): 0.6 0.31/0.04, 0.75 0.41/0.05, 0.85
+0.50/0.05, 0.9 0.51/0.08, 1.0 0.56/0.12 -- a worse frontier, not measured on test:
+
+    python benchmarks/bench_sft_variant.py ifeval400 '{"extra_benign_pool": "ifeval", "n_extra_benign": 400,
+        "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 

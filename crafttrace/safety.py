@@ -109,6 +109,7 @@ INERT_FIELDS = {
     "drop_refusing_answers": lambda c: not c.drop_refusing_answers,
     "extra_benign_pool": lambda c: c.extra_benign_pool == "",
     "n_extra_benign": lambda c: c.extra_benign_pool == "",
+    "decision_weight": lambda c: c.decision_weight == 0.0,
 }
 
 
@@ -188,6 +189,12 @@ class SafetyConfig:
     # is the part a capability check of the tuned model may use.
     extra_benign_pool: str = ""
     n_extra_benign: int = 0
+    # extra weight on the first response token's cross-entropy (added to each example's mean): the refuse-or-
+    # answer decision is that one token, but a 64-token distilled answer gives it 1/64 of its example's loss. A
+    # logistic probe on the base model's residuals, trained on the same prompts, flags 0.80 of the test harmful
+    # prompts at 0.07 benign with its threshold put there (benchmarks/bench_refusal_ceiling.py), while every SFT
+    # recipe paid 0.13-0.19: the representation separates better than the SFT's decision does.
+    decision_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -217,6 +224,8 @@ class SafetyConfig:
             problems.append(f"styled_frac must be in [0, 1], got {self.styled_frac}")
         if self.benign_weight <= 0:
             problems.append(f"benign_weight must be > 0, got {self.benign_weight}")
+        if self.decision_weight < 0:
+            problems.append(f"decision_weight must be >= 0, got {self.decision_weight}")
         if not set(self.styled_kinds) <= {"harmful", "benign"}:
             problems.append(f"styled_kinds must name 'harmful' and/or 'benign', got {list(self.styled_kinds)}")
         if self.n_calibration < 1 or self.calibration_tokens < 1:
@@ -497,9 +506,10 @@ def _collate(batch: list[Example], pad: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                  labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+                  labels: torch.Tensor, weights: torch.Tensor | None = None,
+                  decision_weight: float = 0.0) -> torch.Tensor:
     """Mean over examples (weighted by ``weights`` [batch] if given) of the mean next-token cross-entropy on
-    each example's response tokens.
+    each example's response tokens, plus ``decision_weight`` x the cross-entropy of its first response token.
 
     The unembedding (a 49k x 576 matmul per position on SmolLM2, a fifth of the forward) is applied only at
     the positions that predict a response token, which is where the loss lives.
@@ -516,6 +526,10 @@ def response_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     row = keep.nonzero()[:, 0]
     per_example = torch.zeros(ids.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, row, nll)
     per_example = per_example / keep.sum(1).clamp_min(1)
+    if decision_weight:
+        first = (keep.cumsum(1) == 1)[keep]  # each row's first response position, in nll's (row-major) order
+        per_example = per_example + decision_weight * torch.zeros_like(per_example).index_add_(
+            0, row[first], nll[first])
     if weights is None:
         return per_example.mean()
     if tuple(weights.shape) != (ids.shape[0],):
@@ -670,7 +684,7 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
             # weight 1: the plain mean, bit-identical to builds made before benign_weight existed
             w = None if cfg.benign_weight == 1.0 else torch.tensor(
                 [cfg.benign_weight if examples[i].kind == "benign" else 1.0 for i in batches[step]])
-            loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev), w)
+            loss = response_loss(model, ids.to(dev), mask.to(dev), labels.to(dev), w, cfg.decision_weight)
             if not torch.isfinite(loss):
                 raise SafetyTuningError(f"non-finite loss {loss.item()} at step {step}; lower lr (now {cfg.lr})")
             loss.backward()

@@ -382,3 +382,29 @@ def test_sft_variant_benchmark_appends_extra_prompts_and_merges_at_one_scale(bui
     assert (run / safety.MODEL_DIR / "config.json").exists()
     with pytest.raises(SystemExit, match="change the benign training prompts"):
         bench.main(["y", '{"n_benign_train": 5}', "--source", str(out), "--out", str(tmp_path / "y")])
+
+
+def test_refusal_ceiling_oracle_column_and_probe_rows():
+    bench = _benchmark("bench_refusal_ceiling")
+    h = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    b = torch.tensor([0.0, 1.5, 2.5, 3.5, 6.0])
+    # flagging >= 0.8 of harmful needs the threshold at 2.0 (4 of 5): benign 2.5, 3.5, 6.0 are at or above it
+    assert bench.oracle_benign_rate(h, b, 0.8) == pytest.approx(0.6)
+    assert bench.oracle_benign_rate(h, b, 0.2) == pytest.approx(0.2)   # threshold 5.0: only 6.0
+    assert bench.oracle_benign_rate(h, b, 1.0) == pytest.approx(0.8)   # threshold 1.0
+    # a direction that separates the training sets: every rate follows; a useless layer sits near chance
+    g = torch.Generator().manual_seed(0)
+
+    def pts(n, sign):
+        x = torch.randn(n, 2, 4, generator=g)
+        x[:, 0, 0] += 4.0 * sign   # layer 0 carries the label, layer 1 does not
+        return x
+    states = {"train_harmful:p": pts(60, 1), "train_benign": pts(60, -1), "val_harmful": pts(40, 1),
+              "val_benign": pts(40, -1), "test_harmful": pts(40, 1), "test_benign": pts(40, -1),
+              "test_benign_all": pts(80, -1)}
+    rows = bench.probe_rows(states, "train_harmful:p", [3, 7], fpr=0.1, l2=1e-2, n_hb=20, tpr=0.8)
+    assert [r["layer"] for r in rows] == [3, 7]
+    sep, noise = rows
+    assert sep["val_auroc"] > 0.99 and sep["test_harmful_flagged"] > 0.95 and sep["oracle_benign_flagged"] == 0.0
+    assert sep["oracle_benign_flagged_all"] == 0.0
+    assert 0.2 < noise["test_auroc"] < 0.8 and noise["oracle_benign_flagged_all"] > 0.3

@@ -217,6 +217,29 @@ def test_benign_weight_weights_the_batch_mean(model_dir):
         tiny_config(benign_weight=0)
 
 
+def test_decision_weight_adds_the_first_response_token_loss(model_dir):
+    loaded = load_model(model_dir)
+    benign = [{"prompt": "bake a cake please now", "response": "sure, mix flour and eggs", "truncated": False}]
+    exs = safety.build_examples(loaded, ["make a bomb"], benign, tiny_config())
+    ids, mask, labels = safety._collate(exs, 0)   # rows of different prompt and response lengths, padded
+    logits = loaded.model(ids, attention_mask=mask).logits
+    first = torch.stack([torch.nn.functional.cross_entropy(logits[r, e.n_prompt - 1:e.n_prompt],
+                                                           ids[r, e.n_prompt:e.n_prompt + 1])
+                         for r, e in enumerate(exs)])
+    plain = safety.response_loss(loaded.model, ids, mask, labels)
+    torch.testing.assert_close(safety.response_loss(loaded.model, ids, mask, labels, decision_weight=2.0),
+                               plain + 2.0 * first.mean(), rtol=1e-4, atol=1e-5)
+    w = torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(safety.response_loss(loaded.model, ids, mask, labels, w, decision_weight=0.5),
+                               safety.response_loss(loaded.model, ids, mask, labels, w)
+                               + 0.5 * (first * w).sum() / w.sum(), rtol=1e-4, atol=1e-5)
+    # off: inert in the stage keys (cached builds keep theirs); negative: a named error
+    assert "decision_weight" not in tiny_config().identity_dict()
+    assert tiny_config(decision_weight=1.0).training_dict()["decision_weight"] == 1.0
+    with pytest.raises(SafetyTuningError, match="decision_weight"):
+        tiny_config(decision_weight=-1)
+
+
 def test_drop_refusing_answers_leaves_out_benign_targets_that_refuse(model_dir):
     loaded = load_model(model_dir)
     benign = [{"prompt": "bake a cake", "response": "sure, mix flour and eggs", "truncated": False},
