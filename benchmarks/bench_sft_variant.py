@@ -31,6 +31,16 @@ harmful pool (+ Do-Not-Answer "information hazard" and "discrimination"): 0.6 0.
     python benchmarks/bench_sft_variant.py ifeval400 '{"extra_benign_pool": "ifeval", "n_extra_benign": 400,
         "n_calibration": 128, "merge_scales": [0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
 
+Session 13, ``decision_weight`` (extra cross-entropy weight on the first response token, the refuse-or-answer
+decision), 3.0, 922 s for SFT + calibration -- s 0.6 / 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.39/0.07, 0.56/0.05,
+0.65/0.07, 0.66/0.08, 0.70/0.07, 0.79/0.07 (chosen): validation over-refusal flat near the base model's own 0.054
+while refusal rises. ``--measure-only``: refusal 0.84 (HarmBench 0.77, StrongREJECT 0.91), over-refusal 0.13,
+MMLU-100 0.24, boundary-critical strict/extended 5/43 -- the first recipe to move the test over-refusal (0.16 ->
+0.13) at more refusal (0.805 -> 0.84):
+
+    python benchmarks/bench_sft_variant.py decision3 '{"decision_weight": 3.0, "n_calibration": 128,
+        "merge_scales": [0.6, 0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 

@@ -302,6 +302,15 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
     only = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--skip-alpaca",
                        "--results", ""])
     assert [(r["model"], r["pool"]) for r in only["rows"]] == [("tuned", str(extra))]
+    # a variant model: the build's own tuned model under another name scores what "tuned" scores, and its record
+    # does not overwrite the build's
+    var = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(extra), "--models",
+                      "--variant", "again", str(out / "sft" / "model"), "--results", str(tmp_path / "res")])
+    assert [{**r, "model": "tuned"} for r in var["rows"]] == [r for r in rec["rows"] if r["model"] == "tuned"]
+    assert (tmp_path / "res" / "overrefusal_tiny_seed0_again.json").exists()
+    assert json.loads((tmp_path / "res" / "overrefusal_tiny_seed0.json").read_text())["rows"] == rec["rows"]
+    with pytest.raises(SystemExit, match="no model in"):
+        bench.main(["--out", str(out), "--size", "tiny", "--variant", "x", str(tmp_path), "--results", ""])
 
 
 def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_path, monkeypatch):
