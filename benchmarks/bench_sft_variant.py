@@ -35,11 +35,21 @@ Session 13, ``decision_weight`` (extra cross-entropy weight on the first respons
 decision), 3.0, 922 s for SFT + calibration -- s 0.6 / 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.39/0.07, 0.56/0.05,
 0.65/0.07, 0.66/0.08, 0.70/0.07, 0.79/0.07 (chosen): validation over-refusal flat near the base model's own 0.054
 while refusal rises. ``--measure-only``: refusal 0.84 (HarmBench 0.77, StrongREJECT 0.91), over-refusal 0.13,
-MMLU-100 0.24, boundary-critical strict/extended 5/43 -- the first recipe to move the test over-refusal (0.16 ->
-0.13) at more refusal (0.805 -> 0.84):
+MMLU-100 0.24, boundary-critical strict/extended 5/43. On all 200 held-out AlpacaEval prompts, though, it is no
+better than the build: 13/100 on the measured half but 16/100 on the half no stage reads (build 16 and 10), 0.145
+against 0.13 (``bench_overrefusal_splits.py --models --variant decision3 <out>/model --tokens 48``, 237 s,
+``overrefusal_default_seed0_decision3.md``; everyday requests 0.19 against 0.25) -- a move along the frontier to
+more refusal, with 100-prompt differences of 3 within sampling noise:
 
     python benchmarks/bench_sft_variant.py decision3 '{"decision_weight": 3.0, "n_calibration": 128,
         "merge_scales": [0.6, 0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
+
+Weight 5.0 (846 s; merge_scales [0.75, 0.9, 1.0, 1.15, 1.3]): 0.52/0.04, 0.63/0.04, 0.66/0.04, 0.76/0.04,
+0.78/0.04 (chosen, s 1.3) -- the best validation frontier of any recipe; test refusal 0.795 (HarmBench 0.71,
+StrongREJECT 0.88), over-refusal 0.11 on the measured 100 but 0.16 on the other 100, 27/200 = 0.135 held out
+(``overrefusal_default_seed0_decision5.md``; everyday requests 0.21), MMLU-100 0.24, boundary 4/31. Weight 10.0
+(965 s; [0.6, 0.75, 0.9, 1.0, 1.15, 1.3]): 0.35/0.04, then 0.47-0.56 at 0.02 from s 0.75 to 1.3 -- refusal
+saturates; not measured on test. The decision weight moves the validation rate, not the held-out one.
 
 No response text is printed or written; rates only.
 """
