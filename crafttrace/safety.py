@@ -190,7 +190,7 @@ class SafetyConfig:
     extra_benign_pool: str = ""
     n_extra_benign: int = 0
     # extra weight on the first response token's cross-entropy (added to each example's mean): the refuse-or-
-    # answer decision is that one token, but a 64-token distilled answer gives it 1/64 of its example's loss. A
+    # answer decision is that one token, but a 48-token distilled answer gives it 1/48 of its example's loss. A
     # logistic probe on the base model's residuals, trained on the same prompts, flags 0.80 of the test harmful
     # prompts at 0.07 benign with its threshold put there (benchmarks/bench_refusal_ceiling.py), while every SFT
     # recipe paid 0.13-0.19: the representation separates better than the SFT's decision does.
