@@ -193,7 +193,9 @@ class SafetyConfig:
     # answer decision is that one token, but a 48-token distilled answer gives it 1/48 of its example's loss. A
     # logistic probe on the base model's residuals, trained on the same prompts, flags 0.80 of the test harmful
     # prompts at 0.07 benign with its threshold put there (benchmarks/bench_refusal_ceiling.py), while every SFT
-    # recipe paid 0.13-0.19: the representation separates better than the SFT's decision does.
+    # recipe paid 0.13-0.19: the representation separates better than the SFT's decision does. Measured
+    # (session 13, README): w 5 lowers validation over-refusal 0.11 -> 0.04 at ~0.8 refusal, but not the held-out
+    # AlpacaEval rate (0.135 of 200 vs 0.13), so it stays off in the preset.
     decision_weight: float = 0.0
     seed: int = 0
 
@@ -349,6 +351,7 @@ def make_splits(cfg: SafetyConfig, harmful: Sequence[str] | None = None,
                                 f"the benign pool {cfg.benign_pool!r} has only {len(benign)} prompts")
     h = _shuffled(harmful, cfg.seed, "harmful")
     b = _shuffled(benign, cfg.seed, "benign")
+
     def side_pool(name: str, n: int, field: str, salt: str, taken: set[str]) -> list[str]:
         # a prompt of a side pool that is also a prompt of another pool would get two targets
         if not name:
