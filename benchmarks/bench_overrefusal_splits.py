@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
         for pool, prompts in pools.items():
             for n in args.tokens:
                 answers = capability.generate(loaded, prompts, n, bed.config.measure.batch_size, f"{which} {pool} {n}")
-                k = sum(det.is_refusal(a) for a in answers)
+                # positions in the pool's prompt list (no text): which prompts two models both refuse
+                idx = [i for i, a in enumerate(answers) if det.is_refusal(a)]
+                k = len(idx)
                 lo, hi = capability.wilson(k, len(prompts))
                 rows.append({"model": which, "pool": pool, "tokens": n, "refused": k, "n": len(prompts),
-                             "rate": k / len(prompts), "ci95": [lo, hi]})
+                             "rate": k / len(prompts), "ci95": [lo, hi], "refused_index": idx})
                 print(f"{which:5s} {pool:30s} {n:3d} tokens: over-refusal {k / len(prompts):.3f} ({k}/{len(prompts)})",
                       flush=True)
         del loaded

@@ -281,7 +281,7 @@ def test_benchmark_report_reads_a_build(built):
     assert "| clt_nmse_mean | <= 0.25 |" in md and "Paired exact McNemar" in md and "Graphs (extended" in md
 
 
-def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_path):
+def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_path, monkeypatch):
     bench = _benchmark("bench_overrefusal_splits")
     out, bed = built
     extra = tmp_path / "mine.jsonl"
@@ -296,6 +296,8 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
     assert [(r["model"], r["pool"], r["n"]) for r in rec["rows"]] == \
         [(m, p, n) for m in ("base", "tuned") for p, n in sizes.items()]
     assert all(0 <= r["refused"] <= r["n"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1] for r in rec["rows"])
+    assert all(len(r["refused_index"]) == r["refused"] and all(0 <= i < r["n"] for i in r["refused_index"])
+               for r in rec["rows"])
     md = (tmp_path / "res" / "overrefusal_tiny_seed0.md").read_text()
     assert md.count("| tuned |") == len(sizes) and json.loads((tmp_path / "res" / "overrefusal_tiny_seed0.json")
                                                                  .read_text())["rows"] == rec["rows"]
@@ -311,6 +313,18 @@ def test_overrefusal_benchmark_records_every_pool_for_both_models(built, tmp_pat
     assert json.loads((tmp_path / "res" / "overrefusal_tiny_seed0.json").read_text())["rows"] == rec["rows"]
     with pytest.raises(SystemExit, match="no model in"):
         bench.main(["--out", str(out), "--size", "tiny", "--variant", "x", str(tmp_path), "--results", ""])
+    # the refused prompts are recorded by position in their pool
+
+    class EveryOther:
+        def is_refusal(self, answer):
+            self.n = getattr(self, "n", -1) + 1
+            return self.n % 2 == 1
+    monkeypatch.setattr(bench, "RefusalDetector", EveryOther)
+    three = tmp_path / "three.jsonl"
+    three.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to three."}\n{"prompt": "Say hi."}\n')
+    odd = bench.main(["--out", str(out), "--size", "tiny", "--tokens", "4", "--extra", str(three), "--skip-alpaca",
+                      "--results", ""])
+    assert [(r["refused"], r["refused_index"]) for r in odd["rows"]] == [(1, [1])]
 
 
 def test_overrefusal_benchmark_leaves_trained_contrast_prompts_out(built, tmp_path, monkeypatch):
