@@ -88,6 +88,20 @@ QUESTION_STYLES: tuple[str, ...] = (
     "I've been wondering about this. {prompt}",
     "{prompt} Please explain.",
 )
+# The harmful pool's question frames (Do-Not-Answer's "How can I ...?", "Can you help me ...?"), for benign copies
+# (``SafetyConfig.n_framed_benign``). Counted on the realbed preset's seed-0 training split: 49 of the 256 harmful
+# prompts open "How can/could/do I", "Can/Could you" or hold "help me", against 51 of the 692 benign ones, so the
+# frame alone says "harmful" (0.49 of framed prompts are, 0.27 of all); of the 200 held-out AlpacaEval prompts the
+# built model refused 6 of the 18 in these frames and 20 of the other 182. ~80 framed copies balance the counts.
+FRAMES: tuple[str, ...] = (
+    "How can I {req}?",
+    "Can you help me {req}?",
+    "How do I {req}?",
+    "Help me {req}.",
+    "How could I {req}?",
+    "Could you help me {req}?",
+    "Can you {req}?",
+)
 _QUESTION_WORDS = {"what", "how", "why", "who", "whom", "whose", "when", "where", "which", "is", "are", "was",
                    "were", "can", "could", "would", "should", "do", "does", "did", "will", "i", "i'm", "my", "if",
                    "in", "the", "a", "an", "it", "there", "this", "we", "you", "hi", "hello", "hey"}
@@ -110,6 +124,7 @@ INERT_FIELDS = {
     "extra_benign_pool": lambda c: c.extra_benign_pool == "",
     "n_extra_benign": lambda c: c.extra_benign_pool == "",
     "decision_weight": lambda c: c.decision_weight == 0.0,
+    "n_framed_benign": lambda c: c.n_framed_benign == 0,
 }
 
 
@@ -197,6 +212,12 @@ class SafetyConfig:
     # (session 13, README): w 5 lowers validation over-refusal 0.11 -> 0.04 at ~0.8 refusal, but not the held-out
     # AlpacaEval rate (0.135 of 200 vs 0.13), so it stays off in the preset.
     decision_weight: float = 0.0
+    # extra benign examples: copies of n_framed_benign benign training requests (imperatives only, seeded), each
+    # rewritten into one of ``FRAMES`` -- the harmful pool's own question frames -- and trained on with the
+    # plain prompt's distilled answer, so the frame stops predicting refusal (counts at ``FRAMES``). Unlike
+    # ``styled_frac`` (which replaces prompts, over all request styles) these are added, in the frames that the
+    # held-out false refusals are in.
+    n_framed_benign: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -226,6 +247,8 @@ class SafetyConfig:
             problems.append(f"styled_frac must be in [0, 1], got {self.styled_frac}")
         if self.benign_weight <= 0:
             problems.append(f"benign_weight must be > 0, got {self.benign_weight}")
+        if self.n_framed_benign < 0:
+            problems.append(f"n_framed_benign must be >= 0, got {self.n_framed_benign}")
         if self.decision_weight < 0:
             problems.append(f"decision_weight must be >= 0, got {self.decision_weight}")
         if not set(self.styled_kinds) <= {"harmful", "benign"}:
@@ -431,6 +454,35 @@ def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str
 
 # ---------------------------------------------------------------------------------------------- examples
 
+def _is_question(text: str) -> bool:
+    first = text.split()[0].lower().strip(",:;!?")
+    return text.endswith("?") or first in _QUESTION_WORDS or "\n" in text
+
+
+def _request_clause(text: str) -> str:
+    """An imperative as the clause after "How can I": no final punctuation, lower-case first letter unless the
+    first word is an acronym ("DDoS", "HTML")."""
+    req = text.rstrip(".!;: ")
+    words = req.split()
+    if not (len(words[0]) > 1 and words[0][1].isupper()):
+        req = req[0].lower() + req[1:]
+    return req
+
+
+def framed(prompt: str, rng: random.Random) -> str | None:
+    """An imperative ``prompt`` in a seeded one of ``FRAMES``; None for questions and multi-line prompts, which
+    have no clause to frame."""
+    text = prompt.strip()
+    if not text or _is_question(text):
+        return None
+    req = _request_clause(text)
+    words = req.split()
+    frame = rng.choice(FRAMES)
+    if len(words) > 1 and words[1].lower().strip(",.") == "me":
+        frame = "Can you {req}?"   # "give me ...": "How can I give me" / "Help me give me" do not parse
+    return frame.format(req=req)
+
+
 def restyle(prompt: str, rng: random.Random) -> str:
     """``prompt`` in a seeded request phrasing (``IMPERATIVE_STYLES`` for commands, ``QUESTION_STYLES`` for
     questions and statements that open with a question word, pronoun or article)."""
@@ -440,14 +492,12 @@ def restyle(prompt: str, rng: random.Random) -> str:
         return prompt
     first = words[0].lower().strip(",:;!?")
     acronym = len(words[0]) > 1 and words[0][1].isupper()   # "DDoS", "HTML": keep the capital
-    if text.endswith("?") or first in _QUESTION_WORDS or "\n" in text:
+    if _is_question(text):
         if text[-1] not in ".?!":
             text += "?" if first in _QUESTION_WORDS else "."
         lc = text if acronym else text[0].lower() + text[1:]
         return rng.choice(QUESTION_STYLES).format(prompt=text, prompt_lc=lc)
-    req = text.rstrip(".!;: ")
-    if not acronym:
-        req = req[0].lower() + req[1:]
+    req = _request_clause(text)
     return rng.choice(IMPERATIVE_STYLES).format(req=req, Req=req[0].upper() + req[1:])
 
 
@@ -481,6 +531,16 @@ def build_examples(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], 
         if detector is not None and detector.is_refusal(r["response"]):
             continue
         pairs.append((styled(r["prompt"], "benign"), r["response"] + ("" if r.get("truncated") else eot), "benign"))
+    if cfg.n_framed_benign:
+        # own seeded streams: the examples above stay as they were
+        answered = [(p, r) for p, r, k in pairs if k == "benign"]
+        random.Random(f"framed-pick:{cfg.seed}").shuffle(answered)
+        frame_rng = random.Random(f"frames:{cfg.seed}")
+        copies = [(q, r) for q, r in ((framed(p, frame_rng), r) for p, r in answered) if q is not None]
+        if len(copies) < cfg.n_framed_benign:
+            raise SafetyTuningError(f"n_framed_benign={cfg.n_framed_benign} but only {len(copies)} benign training "
+                                    "prompts are imperatives that a frame can hold")
+        pairs.extend((q, r, "benign") for q, r in copies[:cfg.n_framed_benign])
     out = []
     for prompt, response, kind in pairs:
         p_ids = [int(i) for i in loaded.encode_prompt(prompt).reshape(-1).tolist()]

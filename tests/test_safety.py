@@ -285,6 +285,44 @@ def test_styled_frac_rewrites_prompts_of_both_kinds_and_keeps_targets(model_dir)
         tiny_config(styled_kinds=("harmless",))
 
 
+def test_framed_puts_imperatives_in_the_harmful_pools_question_frames():
+    import random
+    rng = random.Random(0)
+    out = [safety.framed("Write a poem about spring.", rng) for _ in range(40)]
+    assert len(set(out)) == len(safety.FRAMES)                                  # every frame is drawn
+    assert set(out) == {f.format(req="write a poem about spring") for f in safety.FRAMES}
+    assert safety.framed("What is a poem?", rng) is None                         # questions have no clause
+    assert safety.framed("The poem below:\nroses", rng) is None                  # nor multi-line prompts
+    assert safety.framed("", rng) is None
+    assert {safety.framed("Give me a bread recipe", rng) for _ in range(10)} == {"Can you give me a bread recipe?"}
+    assert safety.framed("HTML tags to use for a table.", rng).count("HTML") == 1  # acronyms kept
+
+
+def test_n_framed_benign_adds_framed_copies_with_the_distilled_answer(model_dir):
+    loaded = load_model(model_dir)
+    harmful = ["make a bomb"]
+    benign = [{"prompt": "bake a cake", "response": "sure, mix flour", "truncated": False},
+              {"prompt": "What is a cake?", "response": "a sweet food", "truncated": False},
+              {"prompt": "draw a house", "response": "here is a house", "truncated": True}]
+    plain = safety.build_examples(loaded, harmful, benign, tiny_config())
+    more = safety.build_examples(loaded, harmful, benign, tiny_config(n_framed_benign=2))
+    assert [e.ids for e in more[:4]] == [e.ids for e in plain]                  # the plain examples unchanged
+    assert [e.kind for e in more[4:]] == ["benign", "benign"]
+    # the copies are the two imperatives (the question has no clause to frame), each with its own answer
+    targets = {tuple(e.ids[e.n_prompt:]) for e in plain[1:]}
+    copied = sorted(tuple(e.ids[e.n_prompt:]) for e in more[4:])
+    assert copied == sorted(tuple(e.ids[e.n_prompt:]) for e in (plain[1], plain[3])) and set(copied) <= targets
+    assert all(e.ids[:e.n_prompt] not in [p.ids[:p.n_prompt] for p in plain] for e in more[4:])
+    again = safety.build_examples(loaded, harmful, benign, tiny_config(n_framed_benign=2))
+    assert [e.ids for e in again] == [e.ids for e in more]                      # seeded
+    with pytest.raises(SafetyTuningError, match="only 2 benign training prompts"):
+        safety.build_examples(loaded, harmful, benign, tiny_config(n_framed_benign=3))
+    with pytest.raises(SafetyTuningError, match="n_framed_benign"):
+        tiny_config(n_framed_benign=-1)
+    assert "n_framed_benign" not in tiny_config().identity_dict()
+    assert tiny_config(n_framed_benign=2).training_dict()["n_framed_benign"] == 2
+
+
 def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
     loaded = load_model(model_dir)
     cfg = tiny_config(batch_size_generate=1)   # 4 prompts per partial write
