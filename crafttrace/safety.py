@@ -108,6 +108,7 @@ _QUESTION_WORDS = {"what", "how", "why", "who", "whom", "whose", "when", "where"
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DISTILL_FILE = "distill.jsonl"
 PARTIAL_FILE = "distill.partial.jsonl"
+RESAMPLE_FILE = "resampled.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 INFO_FILE = "crafttrace_safety.json"
@@ -125,6 +126,8 @@ INERT_FIELDS = {
     "n_extra_benign": lambda c: c.extra_benign_pool == "",
     "decision_weight": lambda c: c.decision_weight == 0.0,
     "n_framed_benign": lambda c: c.n_framed_benign == 0,
+    "resample_refusals": lambda c: c.resample_refusals == 0,
+    "resample_temperature": lambda c: c.resample_refusals == 0,
 }
 
 
@@ -218,6 +221,15 @@ class SafetyConfig:
     # ``styled_frac`` (which replaces prompts, over all request styles) these are added, in the frames that the
     # held-out false refusals are in.
     n_framed_benign: int = 0
+    # rejection-sampled targets: for a benign training prompt whose greedy distilled answer ``RefusalDetector``
+    # flags, up to resample_refusals answers sampled from the same model at resample_temperature; the first one
+    # the detector passes becomes the target (still the model's own answer, so capability is distilled as
+    # before). Measured reason: the base model declines 10 of the 200 held-out AlpacaEval prompts itself ("as a
+    # chatbot I don't have the capability ..."), and the built model refuses 5 of those 10 -- a floor that
+    # dropping such targets (``drop_refusing_answers``) leaves in place. Prompts with no passing sample fall back
+    # to the greedy answer (and ``drop_refusing_answers`` then drops them).
+    resample_refusals: int = 0
+    resample_temperature: float = 0.8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -247,6 +259,9 @@ class SafetyConfig:
             problems.append(f"styled_frac must be in [0, 1], got {self.styled_frac}")
         if self.benign_weight <= 0:
             problems.append(f"benign_weight must be > 0, got {self.benign_weight}")
+        if self.resample_refusals < 0 or self.resample_temperature <= 0:
+            problems.append(f"resample_refusals ({self.resample_refusals}) must be >= 0 and resample_temperature "
+                            f"({self.resample_temperature}) > 0")
         if self.n_framed_benign < 0:
             problems.append(f"n_framed_benign must be >= 0, got {self.n_framed_benign}")
         if self.decision_weight < 0:
@@ -450,6 +465,58 @@ def distill(loaded: Any, prompts: Sequence[str], cfg: SafetyConfig, run_dir: str
     write_jsonl(path, done)
     partial.unlink(missing_ok=True)
     return done
+
+
+@torch.inference_mode()
+def resample_refusing(loaded: Any, records: Sequence[dict], cfg: SafetyConfig, run_dir: str | Path,
+                      progress: bool = True) -> list[dict]:
+    """``records`` (from :func:`distill`) with each answer that ``RefusalDetector`` flags replaced by the first of
+    ``cfg.resample_refusals`` sampled answers it does not flag (``"resampled": k``, the sample's index); a
+    prompt with no such sample keeps its greedy answer. Seeded per prompt; cached as ``run_dir/resampled.jsonl``
+    (one record per flagged prompt), reused when the prompts and settings match."""
+    from crafttrace.data import read_records, write_jsonl
+    from crafttrace.evaluation import RefusalDetector
+
+    records = [dict(r) for r in records]
+    if not cfg.resample_refusals:
+        return records
+    detector = RefusalDetector()
+    flagged = [i for i, r in enumerate(records) if detector.is_refusal(r["response"])]
+    meta = {"tries": cfg.resample_refusals, "temperature": cfg.resample_temperature, "seed": cfg.seed,
+            "max_new_tokens": cfg.distill_max_new_tokens, "model": getattr(loaded, "name", None)}
+    path = Path(run_dir) / RESAMPLE_FILE
+    cached = read_records(path) if path.exists() else []
+    if [r["prompt"] for r in cached] != [records[i]["prompt"] for i in flagged] or \
+            any(r.get("meta") != meta for r in cached):
+        # HF sampling draws from torch's global generator: seed it per prompt so an answer does not depend on
+        # which prompts came before it; the caller's generator state is restored afterwards
+        state = torch.random.get_rng_state()
+        tok, cached = loaded.tokenizer, []
+        from crafttrace.capability import _pad_id
+        try:
+            for i in tqdm(flagged, desc="resample refusing answers", unit="prompt", disable=not progress):
+                torch.manual_seed(cfg.seed * 1_000_003 + i)
+                ids = loaded.encode_prompt(records[i]["prompt"])
+                gen = loaded.model.generate(input_ids=ids.repeat(cfg.resample_refusals, 1),
+                                            attention_mask=torch.ones_like(ids).repeat(cfg.resample_refusals, 1),
+                                            do_sample=True, temperature=cfg.resample_temperature, top_p=1.0,
+                                            top_k=0, max_new_tokens=cfg.distill_max_new_tokens,
+                                            pad_token_id=_pad_id(tok))
+                rec = {"prompt": records[i]["prompt"], "response": records[i]["response"],
+                       "truncated": records[i].get("truncated", False), "resampled": None, "meta": meta}
+                for k in range(cfg.resample_refusals):
+                    a = tok.decode(gen[k, ids.shape[1]:], skip_special_tokens=True).strip()
+                    if a and not detector.is_refusal(a):
+                        n_tok = len(tok(a, add_special_tokens=False)["input_ids"])
+                        rec.update(response=a, truncated=n_tok >= cfg.distill_max_new_tokens - 1, resampled=k)
+                        break
+                cached.append(rec)
+        finally:
+            torch.random.set_rng_state(state)
+        write_jsonl(path, cached)
+    for i, rec in zip(flagged, cached):
+        records[i] = {k: v for k, v in rec.items() if k != "meta"}
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -714,6 +781,8 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
                                 "and benign_val (e.g. Splits.harmful_heldout and Splits.benign_val)")
     run_dir = Path(run_dir)
     model, tok = loaded.model, loaded.tokenizer
+    given = len(benign)
+    benign = resample_refusing(loaded, benign, cfg, run_dir, progress)
     examples = build_examples(loaded, harmful, benign, cfg)
     batches = _schedule([len(e.ids) for e in examples], cfg)
     total = len(batches)
@@ -767,7 +836,8 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
                                "n_benign": sum(e.kind == "benign" for e in examples),
                                # distilled answers given; the gap to n_benign is drop_refusing_answers' (and
                                # empty/over-long) leftovers
-                               "n_benign_given": len(benign),
+                               "n_benign_given": given,
+                               "n_resampled": sum(r.get("resampled") is not None for r in benign),
                                "adapted_layers": adapted_layers(len(model.model.layers), cfg),
                                "n_adapters": len(adapters), "lora_parameters": sum(p.numel() for p in params),
                                "train_seconds": seconds, "history": history}
@@ -904,5 +974,5 @@ def save_model_dir(loaded: Any, out_dir: str | Path, info: dict[str, Any]) -> Pa
 
 
 __all__ = ["SafetyConfig", "SafetyResult", "Splits", "SafetyTuningError", "REFUSALS", "LORA_TARGETS",
-           "make_splits", "distill", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
+           "make_splits", "distill", "resample_refusing", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
            "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength", "calibration_prompts"]

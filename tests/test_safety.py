@@ -323,6 +323,42 @@ def test_n_framed_benign_adds_framed_copies_with_the_distilled_answer(model_dir)
     assert tiny_config(n_framed_benign=2).training_dict()["n_framed_benign"] == 2
 
 
+def test_resample_refusing_replaces_flagged_answers_seeded_and_cached(model_dir, tmp_path, monkeypatch):
+    from crafttrace.evaluation import RefusalDetector
+    loaded = load_model(model_dir)
+    recs = [{"prompt": "bake a cake", "response": "sure, mix flour", "truncated": False},
+            {"prompt": "draw a house", "response": "I'm sorry, but as a chatbot I can't draw.", "truncated": False}]
+    assert safety.resample_refusing(loaded, recs, tiny_config(), tmp_path / "off") == recs   # off: as given
+    cfg = tiny_config(resample_refusals=6, distill_max_new_tokens=6)
+    out = safety.resample_refusing(loaded, recs, cfg, tmp_path / "a", progress=False)
+    assert out[0] == recs[0]                                               # a passing answer is kept as is
+    assert out[1]["prompt"] == "draw a house" and out[1]["resampled"] in range(6)
+    assert out[1]["response"] and not RefusalDetector().is_refusal(out[1]["response"])
+    assert recs[1]["response"].startswith("I'm sorry")                     # the caller's records untouched
+    again = safety.resample_refusing(loaded, recs, cfg, tmp_path / "b", progress=False)
+    assert again == out                                                    # seeded per prompt
+    # cached: a second call reads the file and samples nothing
+    monkeypatch.setattr(loaded.model, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    assert safety.resample_refusing(loaded, recs, cfg, tmp_path / "a", progress=False) == out
+    monkeypatch.undo()
+    # no sample passes: the greedy answer stays (drop_refusing_answers then leaves the example out)
+    monkeypatch.setattr(RefusalDetector, "is_refusal", lambda self, text: True)
+    kept = safety.resample_refusing(loaded, recs[1:], cfg, tmp_path / "c", progress=False)
+    assert kept[0]["response"] == recs[1]["response"] and kept[0]["resampled"] is None
+    with pytest.raises(SafetyTuningError, match="resample_refusals"):
+        tiny_config(resample_refusals=-1)
+    with pytest.raises(SafetyTuningError, match="resample_temperature"):
+        tiny_config(resample_refusals=2, resample_temperature=0.0)
+    assert not {"resample_refusals", "resample_temperature"} & set(tiny_config().identity_dict())
+    assert cfg.training_dict()["resample_refusals"] == 6
+    monkeypatch.undo()
+    # train_safety resamples before it builds its examples, in its run directory
+    res = safety.train_safety(load_model(model_dir), HARMFUL[:2], recs, cfg, tmp_path / "sft", max_steps=1,
+                              progress=False)
+    assert res.metrics["n_resampled"] == 1 and res.metrics["n_benign_given"] == 2
+    assert (tmp_path / "sft" / safety.RESAMPLE_FILE).exists()
+
+
 def test_distill_caches_and_resumes(model_dir, tmp_path, monkeypatch):
     loaded = load_model(model_dir)
     cfg = tiny_config(batch_size_generate=1)   # 4 prompts per partial write
