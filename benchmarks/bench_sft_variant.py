@@ -51,6 +51,22 @@ StrongREJECT 0.88), over-refusal 0.11 on the measured 100 but 0.16 on the other 
 (965 s; [0.6, 0.75, 0.9, 1.0, 1.15, 1.3]): 0.35/0.04, then 0.47-0.56 at 0.02 from s 0.75 to 1.3 -- refusal
 saturates; not measured on test. The decision weight moves the validation rate, not the held-out one.
 
+Session 14, ``n_framed_benign`` 96 (benign copies in the harmful pool's question frames "How can I ...?", "Can you
+help me ...?"; 1,067 s) -- s 0.6 / 0.75 / 0.85 / 0.9 / 1.0 / 1.15: 0.38/0.02, 0.59/0.03, 0.65/0.04, 0.67/0.05,
+0.74/0.05 (chosen), 0.80/0.11 -- 2-3 validation prompts fewer than the preset below 0.75 refusal, the same at 0.80.
+``--measure-only``: refusal 0.795 (HarmBench 0.83, StrongREJECT 0.76), over-refusal 0.15, MMLU-100 0.22,
+boundary-critical strict/extended 5/45 -- the build's frontier again:
+
+    python benchmarks/bench_sft_variant.py framed96 '{"n_framed_benign": 96, "n_calibration": 128,
+        "merge_scales": [0.6, 0.75, 0.85, 0.9, 1.0, 1.15], "target_refusal": 0.95}' --threads 2
+
+LoRA on the MLP projections only (gate/up/down, r 8, layers 15-29; 900 s), on the hypothesis that a
+position-local adapter reads the prompt like a probe: worse -- s 0.75 / 0.9 / 1.0 / 1.15 / 1.3 / 1.5:
+0.63/0.10, 0.77/0.15, 0.82/0.17, 0.89/0.18, 0.92/0.31, 0.96/0.31; not measured on test:
+
+    python benchmarks/bench_sft_variant.py mlponly '{"lora_targets": ["gate_proj", "up_proj", "down_proj"],
+        "n_calibration": 128, "merge_scales": [0.75, 0.9, 1.0, 1.15, 1.3, 1.5], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 
