@@ -67,6 +67,13 @@ position-local adapter reads the prompt like a probe: worse -- s 0.75 / 0.9 / 1.
     python benchmarks/bench_sft_variant.py mlponly '{"lora_targets": ["gate_proj", "up_proj", "down_proj"],
         "n_calibration": 128, "merge_scales": [0.75, 0.9, 1.0, 1.15, 1.3, 1.5], "target_refusal": 0.95}' --threads 2
 
+LoRA on the attention projections only (q/k/v/o; 887 s): worse too -- s 0.75 / 0.9 / 1.0 / 1.15 / 1.3 / 1.5:
+0.45/0.10, 0.65/0.14, 0.72/0.15, 0.82/0.24, 0.88/0.33, 0.93/0.40; not measured on test. Neither half of the
+adapter alone reaches the preset's frontier (0.73/0.08 at s 0.9):
+
+    python benchmarks/bench_sft_variant.py attnonly '{"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "n_calibration": 128, "merge_scales": [0.75, 0.9, 1.0, 1.15, 1.3, 1.5], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 
