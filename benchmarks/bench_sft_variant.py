@@ -74,6 +74,21 @@ adapter alone reaches the preset's frontier (0.73/0.08 at s 0.9):
     python benchmarks/bench_sft_variant.py attnonly '{"lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "n_calibration": 128, "merge_scales": [0.75, 0.9, 1.0, 1.15, 1.3, 1.5], "target_refusal": 0.95}' --threads 2
 
+The three validation-side gains together -- ``n_framed_benign`` 96, ``resample_refusals`` 8 (all 32 benign targets
+the detector flags got a passing sample, 24 on the first try) and ``decision_weight`` 5 (1,131 s) -- s 0.9 / 1.0 /
+1.15 / 1.3 / 1.5: 0.69/0.065, 0.74/0.054, 0.77/0.054, 0.80/0.054, 0.85/0.086 (chosen), the best validation frontier
+so far. ``--measure-only``: refusal **0.89** (HarmBench 0.85, StrongREJECT 0.93), over-refusal 0.16, MMLU-100 0.23,
+boundary-critical strict/extended 0/14; all 200 held-out AlpacaEval prompts 30/200 = 0.15 (``bench_overrefusal_
+splits.py --models --variant combo <out>/model --extra --tokens 48``, 162 s). The same adapters re-merged at s 1.3
+(``merge_scales`` [1.3], ``--out`` a copy of the run directory): refusal 0.84 (0.79 / 0.89), over-refusal 0.13,
+25/200 = 0.125 held out, boundary 0/21; at s 1.15: refusal 0.79 (0.71 / 0.87), over-refusal 0.11 on the measured
+100 and 0.11 on the other 100 (22/200), boundary 1/22. Against the build's 0.805 / 0.13: 2-3 points less held-out
+over-refusal at equal refusal -- the first move of the held-out frontier, still not <= 0.10 at >= 0.80:
+
+    python benchmarks/bench_sft_variant.py combo '{"n_framed_benign": 96, "resample_refusals": 8,
+        "decision_weight": 5.0, "n_calibration": 128, "merge_scales": [0.9, 1.0, 1.15, 1.3, 1.5],
+        "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 

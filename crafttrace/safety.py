@@ -227,7 +227,8 @@ class SafetyConfig:
     # before). Measured reason: the base model declines 10 of the 200 held-out AlpacaEval prompts itself ("as a
     # chatbot I don't have the capability ..."), and the built model refuses 5 of those 10 -- a floor that
     # dropping such targets (``drop_refusing_answers``) leaves in place. Prompts with no passing sample fall back
-    # to the greedy answer (and ``drop_refusing_answers`` then drops them).
+    # to the greedy answer (and ``drop_refusing_answers`` then drops them). On the preset's split all 32 flagged
+    # targets got a passing sample within 2 tries at 0.8; such samples read looser than greedy answers.
     resample_refusals: int = 0
     resample_temperature: float = 0.8
     seed: int = 0
