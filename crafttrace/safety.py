@@ -489,8 +489,8 @@ def resample_refusing(loaded: Any, records: Sequence[dict], cfg: SafetyConfig, r
     cached = read_records(path) if path.exists() else []
     if [r["prompt"] for r in cached] != [records[i]["prompt"] for i in flagged] or \
             any(r.get("meta") != meta for r in cached):
-        # HF sampling draws from torch's global generator: seed it per prompt so an answer does not depend on
-        # which prompts came before it; the caller's generator state is restored afterwards
+        # HF sampling draws from torch's global generator: seed it per prompt (by its position) so an answer does
+        # not depend on how many samples earlier prompts drew; the caller's generator state is restored afterwards
         state = torch.random.get_rng_state()
         tok, cached = loaded.tokenizer, []
         from crafttrace.capability import _pad_id
@@ -835,8 +835,8 @@ def train_safety(loaded: Any, harmful: Sequence[str], benign: Sequence[dict], cf
                                "n_examples": len(examples),
                                "n_harmful": sum(e.kind == "harmful" for e in examples),
                                "n_benign": sum(e.kind == "benign" for e in examples),
-                               # distilled answers given; the gap to n_benign is drop_refusing_answers' (and
-                               # empty/over-long) leftovers
+                               # distilled answers given; n_benign is this less drop_refusing_answers' (and
+                               # empty/over-long) leftovers, plus the n_framed_benign copies
                                "n_benign_given": given,
                                "n_resampled": sum(r.get("resampled") is not None for r in benign),
                                "adapted_layers": adapted_layers(len(model.model.layers), cfg),
@@ -975,5 +975,6 @@ def save_model_dir(loaded: Any, out_dir: str | Path, info: dict[str, Any]) -> Pa
 
 
 __all__ = ["SafetyConfig", "SafetyResult", "Splits", "SafetyTuningError", "REFUSALS", "LORA_TARGETS",
-           "make_splits", "distill", "resample_refusing", "build_examples", "train_safety", "response_loss", "LoRALinear", "attach_lora",
-           "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength", "calibration_prompts"]
+           "make_splits", "distill", "resample_refusing", "build_examples", "train_safety", "response_loss",
+           "LoRALinear", "attach_lora", "merge_lora", "adapted_layers", "save_model_dir", "calibrate_strength",
+           "calibration_prompts"]
