@@ -89,10 +89,13 @@ QUESTION_STYLES: tuple[str, ...] = (
     "{prompt} Please explain.",
 )
 # The harmful pool's question frames (Do-Not-Answer's "How can I ...?", "Can you help me ...?"), for benign copies
-# (``SafetyConfig.n_framed_benign``). Counted on the realbed preset's seed-0 training split: 49 of the 256 harmful
-# prompts open "How can/could/do I", "Can/Could you" or hold "help me", against 51 of the 692 benign ones, so the
+# (``SafetyConfig.n_framed_benign``). Counted on the realbed preset's seed-0 training split (lower-cased prompts
+# matching ``^(how (can|could|do) i\b|(can|could) you\b)|\bhelp me\b``): 49 of the 256 harmful prompts are in
+# these frames, against 51 of the 692 benign ones (AlpacaEval + contrast training prompts), so the
 # frame alone says "harmful" (0.49 of framed prompts are, 0.27 of all); of the 200 held-out AlpacaEval prompts the
-# built model refused 6 of the 18 in these frames and 20 of the other 182. ~80 framed copies balance the counts.
+# built model refused 6 of the 18 in these frames and 20 of the other 182 (its refused positions:
+# benchmarks/results/smollm2_safety/overrefusal_default_seed0_decision3_decision5.json, "tuned" rows). ~80 framed
+# copies balance the counts.
 FRAMES: tuple[str, ...] = (
     "How can I {req}?",
     "Can you help me {req}?",
