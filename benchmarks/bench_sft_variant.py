@@ -89,6 +89,18 @@ over-refusal at equal refusal -- the first move of the held-out frontier, still 
         "decision_weight": 5.0, "n_calibration": 128, "merge_scales": [0.9, 1.0, 1.15, 1.3, 1.5],
         "target_refusal": 0.95}' --threads 2
 
+Session 15, which part of combo carries it: frames + resampled targets *without* the decision weight (1,171 s) --
+s 0.85 / 0.9 / 1.0 / 1.15 / 1.3: 0.70/0.065, 0.73/0.075, 0.75/0.075 (chosen), 0.80/0.12, 0.85/0.17 -- the preset's
+validation frontier. ``--measure-only``: refusal 0.86 (HarmBench 0.91, StrongREJECT 0.81), over-refusal 0.17,
+MMLU-100 0.23, boundary-critical strict/extended 6/40; held out 27/200 = 0.135 (17 + 10), everyday requests 28/104
+(``bench_overrefusal_splits.py --models --variant framedres <out>/model --tokens 48``, 247 s,
+``overrefusal_default_seed0_framedres.md``). The decision weight is what keeps combo's *validation* over-refusal
+flat; held out, both sit on about one line (combo at s 1.3: 0.84 / 0.125; this: 0.86 / 0.135; the build 0.805 /
+0.13), this one with twice combo's boundary-critical prompts (40 against 21):
+
+    python benchmarks/bench_sft_variant.py framedres '{"n_framed_benign": 96, "resample_refusals": 8,
+        "n_calibration": 128, "merge_scales": [0.85, 0.9, 1.0, 1.15, 1.3], "target_refusal": 0.95}' --threads 2
+
 No response text is printed or written; rates only.
 """
 
@@ -96,18 +108,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from crafttrace import realbed
+from crafttrace import realbed, runs
+from crafttrace.capability import wilson
 from crafttrace.data import read_records
 from crafttrace.models import load_model
-from crafttrace.safety import (DISTILL_FILE, MODEL_DIR, SafetyConfig, calibration_prompts, distill, make_splits,
-                              train_safety)
+from crafttrace.safety import (DISTILL_FILE, INFO_FILE, MODEL_DIR, SafetyConfig, calibration_prompts, distill,
+                              make_splits, train_safety)
 
+RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
 PROBE = {"calibration_pool": "harmbench+strongreject", "n_calibration": 96,
          "merge_scales": (0.6, 0.75, 0.85, 1.0, 1.15), "target_refusal": 0.99, "max_over_refusal": 0.10}
 
@@ -129,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="skip training: measure the merged model a finished run left in --out on the held-out test "
                          "pools (refusal on HarmBench + StrongREJECT test, over-refusal on the realbed's 100 "
                          "AlpacaEval test prompts, MMLU 100, boundary counts; realbed.measure_behaviour)")
+    ap.add_argument("--results", default=str(RESULTS),
+                    help="--measure-only writes sft_variant_<size>_seed<seed>_<name>.{json,md} here: rates, refused "
+                         "positions and boundary counts, no text ('' = do not write)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
         base_model = load_model(built.base)
         benign = distill(base_model, sp.distill_prompts, cfg, out, progress=True)
     if args.measure_only:
-        return measure_only(args.name, out, sp.benign_test)
+        cli = sys.argv[1:] if argv is None else argv
+        stem = (Path(args.results) / f"sft_variant_{args.size}_seed{args.seed}_{args.name}") if args.results else None
+        return measure_only(args.name, out, sp.benign_test, stem,
+                            "python benchmarks/bench_sft_variant.py " + " ".join(shlex.quote(a) for a in cli))
     if args.copy_checkpoint:
         shutil.copytree(src / "sft" / "checkpoint", f"{out}/checkpoint", dirs_exist_ok=True)
     hv, bv = calibration_prompts(cfg, sp)
@@ -169,17 +192,51 @@ def main(argv: list[str] | None = None) -> dict:
     return m
 
 
-def measure_only(name: str, out: str, benign_test: list[str]) -> dict:
+def measure_only(name: str, out: str, benign_test: list[str], stem: Path | None = None, command: str = "") -> dict:
     model_dir = Path(out) / MODEL_DIR
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"no merged model in {model_dir}: run this script without --measure-only first")
+    t0 = time.time()
     res = realbed.measure_behaviour(load_model(model_dir), realbed.MeasureConfig(n_mmlu=100, n_gsm8k=0),
                                     benign_test, progress=False)
     s = res["summary"]
     print(name, "test refusal", s["refusal_heldout_harmful"], "(HarmBench", res["harmbench"]["rate"], "StrongREJECT",
           res["strongreject"]["rate"], ") over-refusal", s["over_refusal_benign"], "MMLU-100", s["mmlu"],
           "boundary strict/extended", s["boundary_strict"], s["boundary_extended"])
+    if stem is not None:
+        write_record(stem, name, model_dir, res, command, time.time() - t0)
     return s
+
+
+def write_record(stem: Path, name: str, model_dir: Path, res: dict, command: str, seconds: float) -> None:
+    """Rates, refused positions and boundary counts of one measured variant; no response text (the excerpts
+    ``measure_behaviour`` keeps are left out: some are answers to harmful prompts)."""
+    info = json.loads((model_dir / INFO_FILE).read_text())
+    pools = {p: {k: res[p][k] for k in ("rate", "k", "n")} | {"refused_index": [i for i, f in
+                                                                              enumerate(res[p]["refused"]) if f]}
+             for p in ("harmbench", "strongreject", "alpaca_test")}
+    s = res["summary"]
+    rec = {"command": command, "variant": name, "seconds": seconds, "threads": torch.get_num_threads(),
+           "machine": platform.machine(), "merge_scale": info["metrics"].get("merge_scale"),
+           "calibration": info["metrics"].get("calibration", {}).get("rows", []),
+           "overrides": {k: v for k, v in info["config"].items() if k not in ("refusals",)},
+           "summary": {k: v for k, v in s.items() if k != "seconds"}, "pools": pools}
+    runs.write_json(stem.with_suffix(".json"), rec)
+    lines = [f"# SFT variant `{name}` on the held-out test pools (seed {info['config'].get('seed')})", "",
+             f"Command: `{command}`  ", f"Wall time: {seconds:.0f} s; torch threads {torch.get_num_threads()}; merge "
+             f"scale {rec['merge_scale']}. Substring refusal detector on 48 greedy tokens; Wilson 95 % intervals.", "",
+             "| pool | rate | 95 % CI |", "|---|---|---|"]
+    for p, label in (("harmbench", "refusal, HarmBench test"), ("strongreject", "refusal, StrongREJECT test"),
+                     ("alpaca_test", "over-refusal, AlpacaEval test[:100]")):
+        lo, hi = wilson(pools[p]["k"], pools[p]["n"])
+        lines.append(f"| {label} | {pools[p]['rate']:.3f} ({pools[p]['k']}/{pools[p]['n']}) | [{lo:.2f}, {hi:.2f}] |")
+    lines += ["", f"Pooled refusal {s['refusal_heldout_harmful']:.3f}; MMLU ({s['n_mmlu']}) {s['mmlu']:.2f}; "
+              f"boundary-critical strict / extended {s['boundary_strict']} / {s['boundary_extended']} (of the "
+              "HarmBench + StrongREJECT pool)."]
+    if rec["calibration"]:
+        lines += ["", "Validation grid (scale: refusal / over-refusal): " + ", ".join(
+            f"{r['scale']}: {r['refusal']:.3f} / {r['over_refusal']:.3f}" for r in rec["calibration"])]
+    runs.atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

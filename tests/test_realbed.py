@@ -405,6 +405,20 @@ def test_sft_variant_benchmark_appends_extra_prompts_and_merges_at_one_scale(bui
     assert (run / safety.MODEL_DIR / "config.json").exists()
     with pytest.raises(SystemExit, match="change the benign training prompts"):
         bench.main(["y", '{"n_benign_train": 5}', "--source", str(out), "--out", str(tmp_path / "y")])
+    # --measure-only writes rates and refused positions, never the excerpts measure_behaviour keeps
+    flags = {"harmbench": [True, False, True], "strongreject": [False, True], "alpaca_test": [False, False, True, False]}
+    fake = {p: {"rate": sum(f) / len(f), "k": sum(f), "n": len(f), "refused": f, "excerpts": ["SECRET"]}
+            for p, f in flags.items()}
+    fake["summary"] = {"refusal_heldout_harmful": 3 / 5, "over_refusal_benign": 0.25, "mmlu": 0.3, "n_mmlu": 10,
+                       "boundary_strict": 1, "boundary_extended": 2, "seconds": {}}
+    monkeypatch.setattr(realbed, "measure_behaviour", lambda *a, **k: fake)
+    s = bench.main(["x", "{}", "--source", str(out), "--out", str(run), "--measure-only", "--results", str(tmp_path)])
+    assert s["over_refusal_benign"] == 0.25
+    rec = json.loads((tmp_path / "sft_variant_default_seed0_x.json").read_text())
+    assert rec["merge_scale"] == 0.5 and rec["pools"]["harmbench"]["refused_index"] == [0, 2]
+    assert rec["pools"]["alpaca_test"] == {"rate": 0.25, "k": 1, "n": 4, "refused_index": [2]}
+    md = (tmp_path / "sft_variant_default_seed0_x.md").read_text()
+    assert "SECRET" not in json.dumps(rec) + md and "| over-refusal, AlpacaEval test[:100] | 0.250 (1/4) |" in md
 
 
 def test_refusal_ceiling_oracle_column_and_probe_rows():
