@@ -155,11 +155,20 @@ class RealbedConfig:
                    # refusal opener on benign requests. Both measured together (session-10 build): AlpacaEval
                    # test over-refusal 0.17 -> 0.16, held-out everyday requests 0.335 -> 0.25 -- kept, but the
                    # over-refusal target stays unmet (README).
+                   # session 15: r 16 on all 30 layers + 96 benign copies in the harmful pool's question frames +
+                   # resampled targets for the benign answers the detector flags + decision_weight 5 (README,
+                   # bench_sft_variant.py "combo30"): test refusal 0.845 at 0.08 over-refusal on the measured 100
+                   # AlpacaEval prompts (21/200 = 0.105 over both halves; the session-10 recipe 0.805 at 0.16 /
+                   # 0.13), everyday requests 11/104 (26/104). Merge strength: the smallest validation scale that
+                   # reaches the 0.80 refusal within 0.10 over-refusal (1.15 on the probe run) -- the
+                   # smallest scale keeps the most prompts near the boundary.
                    safety=SafetyConfig(harmful_pool="advbench+donotanswer[risk_area=malicious_uses]",
                                        contrast_pool="harmless_probes+benign_edgy", n_contrast_train=180,
-                                       drop_refusing_answers=True,
-                                       distill_max_new_tokens=48, merge_scales=(0.6, 0.75, 0.85, 0.9, 1.0),
-                                       target_refusal=0.95, max_over_refusal=0.10,
+                                       drop_refusing_answers=True, lora_layer_frac=1.0, lora_rank=16,
+                                       lora_alpha=32.0, n_framed_benign=96, resample_refusals=8,
+                                       decision_weight=5.0,
+                                       distill_max_new_tokens=48, merge_scales=(0.75, 0.9, 1.0, 1.15, 1.3),
+                                       target_refusal=0.80, max_over_refusal=0.10,
                                        calibration_pool="harmbench+strongreject", n_calibration=128, seed=seed),
                    # lr 4e-3 needs the gradient clip: unclipped, the full default run spiked (NMSE 0.43 -> 289 at
                    # step 139): Adam's first steps on a rare huge gradient (massive-activation tokens) move every
