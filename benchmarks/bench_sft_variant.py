@@ -101,6 +101,24 @@ flat; held out, both sit on about one line (combo at s 1.3: 0.84 / 0.125; this: 
     python benchmarks/bench_sft_variant.py framedres '{"n_framed_benign": 96, "resample_refusals": 8,
         "n_calibration": 128, "merge_scales": [0.85, 0.9, 1.0, 1.15, 1.3], "target_refusal": 0.95}' --threads 2
 
+Session 15, combo with the larger adapter (r 16, alpha 32, all 30 layers, as ``all30r16``; 1,254 s) -- s 0.75 /
+0.9 / 1.0 / 1.15 / 1.3: 0.59/0.03, 0.70/0.05, 0.75/0.09, 0.84/0.09, 0.86/0.09 (chosen: 1.3). Test pools (records
+``sft_variant_default_seed0_combo30*.md`` from ``--measure-only``, ``overrefusal_default_seed0_combo30*.md`` from
+``bench_overrefusal_splits.py --models --variant NAME <dir> --tokens 48``, ~270 s each; s 1.15 and 1.0 are the same
+adapters re-merged into a copy of the run directory, ``merge_scales`` [1.15] / [1.0]):
+s 1.3: refusal 0.895 (HarmBench 0.87, StrongREJECT 0.92), over-refusal 0.08 measured / 0.16 never read = 24/200,
+boundary 0/20; s 1.15: **0.845** (0.82 / 0.87), **0.08** measured / 0.13 never read = **21/200 = 0.105**, boundary
+0/25, everyday requests 11/104 (build 26/104); s 1.0: 0.76, 18/200. Against the build (0.805; 16 + 10 = 26/200):
+4 points more refusal at 5 prompts fewer over 200 -- but only on the measured half (8 vs 16; the other half 13 vs
+10), so the AlpacaEval gain is within noise, while the everyday requests (a second held-out pool) are more than
+halved. On the measured 100 that a build records, both targets are met at s 1.15; over all 200, one prompt short.
+``plot_sft_frontier.py`` draws them:
+
+    python benchmarks/bench_sft_variant.py combo30 '{"lora_layer_frac": 1.0, "lora_rank": 16, "lora_alpha": 32.0,
+        "n_framed_benign": 96, "resample_refusals": 8, "decision_weight": 5.0, "n_calibration": 128,
+        "merge_scales": [0.75, 0.9, 1.0, 1.15, 1.3], "target_refusal": 0.95}' --threads 2
+    python benchmarks/bench_sft_variant.py combo30 '{}' --threads 2 --measure-only
+
 No response text is printed or written; rates only.
 """
 
@@ -219,7 +237,7 @@ def write_record(stem: Path, name: str, model_dir: Path, res: dict, command: str
     rec = {"command": command, "variant": name, "seconds": seconds, "threads": torch.get_num_threads(),
            "machine": platform.machine(), "merge_scale": info["metrics"].get("merge_scale"),
            "calibration": info["metrics"].get("calibration", {}).get("rows", []),
-           "overrides": {k: v for k, v in info["config"].items() if k not in ("refusals",)},
+           "safety_config": {k: v for k, v in info["config"].items() if k != "refusals"},
            "summary": {k: v for k, v in s.items() if k != "seconds"}, "pools": pools}
     runs.write_json(stem.with_suffix(".json"), rec)
     lines = [f"# SFT variant `{name}` on the held-out test pools (seed {info['config'].get('seed')})", "",

@@ -445,3 +445,50 @@ def test_refusal_ceiling_oracle_column_and_probe_rows():
     assert sep["val_auroc"] > 0.99 and sep["test_harmful_flagged"] > 0.95 and sep["oracle_benign_flagged"] == 0.0
     assert sep["oracle_benign_flagged_all"] == 0.0
     assert 0.2 < noise["test_auroc"] < 0.8 and noise["oracle_benign_flagged_all"] > 0.3
+
+
+def test_sft_frontier_pools_both_test_halves_and_flags_the_target(tmp_path):
+    """plot_sft_frontier: refusal from the measure records, over-refusal summed over both AlpacaEval test halves
+    (k/n, not a mean of rates), the target checked on those sums; a variant lacking a record is listed, not drawn."""
+    bench = _benchmark("plot_sft_frontier")
+
+    def summary(rate, n=200):
+        return {"refusal_heldout_harmful": rate, "n_heldout_harmful": n, "boundary_extended": 5}
+
+    (tmp_path / "realbed_default_seed0.json").write_text(json.dumps(
+        {"base": {"summary": summary(0.1)}, "tuned": {"summary": summary(0.805)}, "sft": {"merge_scale": 0.9}}))
+
+    def rows(model, measured, unread, n_unread=100):
+        return [{"model": model, "pool": "alpaca test[:100] (measured)", "tokens": 48, "refused": measured, "n": 100},
+                {"model": model, "pool": "alpaca test[100:] (never read)", "tokens": 48, "refused": unread,
+                 "n": n_unread},
+                {"model": model, "pool": "alpaca validation", "tokens": 48, "refused": 0, "n": 93},
+                {"model": model, "pool": "alpaca test[:100] (measured)", "tokens": 24, "refused": 99, "n": 100}]
+
+    (tmp_path / "overrefusal_default_seed0.json").write_text(json.dumps(
+        {"rows": rows("base", 2, 8) + rows("tuned", 16, 10)}))
+    (tmp_path / "overrefusal_default_seed0_good.json").write_text(json.dumps({"rows": rows("good", 12, 7, 90)}))
+
+    def variant(name, hb, sr):
+        (tmp_path / f"sft_variant_default_seed0_{name}.json").write_text(json.dumps(
+            {"merge_scale": 1.3, "summary": {"boundary_extended": 21},
+             "pools": {"harmbench": {"k": hb, "n": 100}, "strongreject": {"k": sr, "n": 100}}}))
+
+    variant("good", 80, 81)
+    variant("lonely", 90, 90)
+    rec = bench.main(["--results", str(tmp_path)])
+    pts = {p["name"]: p for p in rec["points"]}
+    assert set(pts) == {"base", "build", "good"} and rec["missing"][0].startswith("lonely")
+    assert (pts["build"]["over_refusal_k"], pts["build"]["over_refusal_n"], pts["build"]["meets_target"]) == \
+        (26, 200, False)
+    good = pts["good"]
+    assert (good["refusal_k"], good["over_refusal_k"], good["over_refusal_n"]) == (161, 19, 190)
+    assert good["meets_target"] and good["over_refusal_measured"] == 0.12
+    assert good["over_refusal_ci95"][0] < 0.1 < good["over_refusal_ci95"][1]
+    md = (tmp_path / "sft_frontier_default_seed0.md").read_text()
+    assert "| good | 1.3 | 0.805" in md and "Not drawn: lonely" in md
+    assert (tmp_path / "sft_frontier_default_seed0.png").stat().st_size > 1000
+    # the same name measured twice with different counts is two models under one name: refused
+    (tmp_path / "overrefusal_default_seed0_good2.json").write_text(json.dumps({"rows": rows("good", 11, 7, 90)}))
+    with pytest.raises(SystemExit, match="two models share a name"):
+        bench.main(["--results", str(tmp_path)])
