@@ -574,17 +574,29 @@ def _run_measure(which: str) -> Callable[[_Context, _Budget], dict | None]:
     return run
 
 
+def ablation_config(cfg: RealbedConfig, overrides: dict[str, Any] | None = None):
+    """The ablation stage's ``AblationConfig``: real-text pools, the build's boundary pool and seed, the preset's
+    ``cfg.ablation``, then ``overrides`` (a sensitivity run, e.g. looser boundary thresholds)."""
+    from crafttrace.ablation import REAL_TEXT, AblationConfig
+    return AblationConfig.from_dict({**REAL_TEXT, "boundary_pool": cfg.measure.boundary_pool, "seed": cfg.seed,
+                                     **cfg.ablation, **(overrides or {})})
+
+
+def ablation_cache_key(cfg: RealbedConfig) -> str:
+    """Keys the ablation's cached feature effects to this build's tuned model and CLT."""
+    return runs.content_hash("realbed", _stage_keys(cfg)["clt"])
+
+
 def _run_ablation(ctx: _Context, budget: _Budget) -> dict | None:
-    from crafttrace.ablation import REAL_TEXT, AblationConfig, run_ablation
+    from crafttrace.ablation import run_ablation
     from crafttrace.transcoders import load_transcoder
 
-    acfg = AblationConfig.from_dict({**REAL_TEXT, "boundary_pool": ctx.cfg.measure.boundary_pool,
-                                     "seed": ctx.cfg.seed, **ctx.cfg.ablation})
+    acfg = ablation_config(ctx.cfg)
     loaded = ctx.tuned()
     clt = load_transcoder(ctx.out / "clt" / "transcoder")
     # the language-modelling check reads corpus passages the CLT never trained on
     res = run_ablation(loaded, clt, acfg, ctx.out / "ablation",
-                       cache_key=runs.content_hash("realbed", _stage_keys(ctx.cfg)["clt"]), progress=ctx.progress,
+                       cache_key=ablation_cache_key(ctx.cfg), progress=ctx.progress,
                        ppl_texts=heldout_passages(ctx.cfg))
     return {"ablation_json": str(ctx.out / "ablation" / "ablation.json"), "wall_seconds": res["wall_seconds"],
             "rows": [{k: r.get(k) for k in ("mode", "features", "asr_at_preserved_capability", "preserved_strength",

@@ -421,6 +421,42 @@ def test_sft_variant_benchmark_appends_extra_prompts_and_merges_at_one_scale(bui
     assert "SECRET" not in json.dumps(rec) + md and "| over-refusal, AlpacaEval test[:100] | 0.250 (1/4) |" in md
 
 
+def test_ablation_variant_benchmark_overrides_the_stage_config_and_copies_its_records(built, tmp_path, monkeypatch):
+    """bench_realbed_ablation: the build's ablation config with the overrides on top, the build's held-out passages
+    for the language-modelling check, its own run directory (the stage's ablation/ untouched), records copied."""
+    import crafttrace.ablation as ablation
+    bench = _benchmark("bench_realbed_ablation")
+    out, bed = built
+    seen = {}
+
+    def fake_run(loaded, clt, cfg, run_dir, cache_key, progress, ppl_texts):
+        seen.update(cfg=cfg, run_dir=run_dir, cache_key=cache_key, ppl_texts=ppl_texts)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ablation.md").write_text("table")
+        return {"n_rank_prompts": 3, "n_eval_boundary": 4}
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run)
+    rec = bench.main(["loose", '{"min_refuse": 0.1, "n_plain": 3}', "--out", str(out), "--threads", "1",
+                      "--size", "small", "--results", str(tmp_path)])
+    stage = realbed.ablation_config(bed.config)
+    cfg = seen["cfg"]
+    assert (cfg.min_refuse, cfg.n_plain) == (0.1, 3) and (stage.min_refuse, stage.n_plain) != (0.1, 3)
+    assert cfg.min_comply == stage.min_comply and cfg.boundary_pool == bed.config.measure.boundary_pool
+    assert seen["ppl_texts"] == realbed.heldout_passages(bed.config)
+    assert seen["run_dir"] == out / "ablation_variants" / "loose" and not (out / "ablation").exists()
+    assert seen["cache_key"] == realbed.ablation_cache_key(bed.config)
+    dest = tmp_path / "ablation_small_seed0_loose"
+    assert (dest / "ablation.md").read_text() == "table"
+    saved = json.loads((dest / "variant.json").read_text())
+    assert saved["overrides"] == {"min_refuse": 0.1, "n_plain": 3} and saved["n_eval_boundary"] == 4 == rec["n_eval_boundary"]
+    with pytest.raises(ValueError, match=r"unknown ablation config keys: \['min_refus'\]"):
+        bench.main(["x", '{"min_refus": 0.1}', "--out", str(out), "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="JSON object"):
+        bench.main(["x", "[0.1]", "--out", str(out), "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="letters, digits"):
+        bench.main(["../x", "{}", "--out", str(out), "--results", str(tmp_path)])
+
+
 def test_refusal_ceiling_oracle_column_and_probe_rows():
     bench = _benchmark("bench_refusal_ceiling")
     h = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
