@@ -63,6 +63,7 @@ class AblationConfig:
     influence_path: str = "graph"                   # "graph" (circuit-tracer) or "grad" (fast path)
     influence_score: str = "total"
     min_active_frac: float = 0.25
+    min_activation_cv: float = 0.0      # > 0: leave out prompt-invariant (chat-template) features, see ranking.py
     sign_from: str = "score"            # influence modes steer against: "score" or "boundary" (Ranking.steer_sign)
     max_feature_nodes: int = 512
     attribution_batch_size: int = 256   # circuit-tracer backward batch; 256 needs ~26 GB on SmolLM2, use 16 there
@@ -277,7 +278,7 @@ def run_ablation(loaded, clt, cfg: AblationConfig, out_dir: str | Path, cache_ke
     t_attr = time.time() - t_attr
     apply_acts = torch.cat([act["eval"], act["plain"]])
     rk = ranking.rank(act["harm"], act["ben"], act["rank"], eff["harm"], eff["ben"], eff["rank"], apply_acts,
-                      cfg.influence_score, cfg.min_active_frac)
+                      cfg.influence_score, cfg.min_active_frac, cfg.min_activation_cv)
     runs.write_json(out / "ranking.json", rk.to_json())
     if rank_only:
         return {"ranking": str(out / "ranking.json"), "attribution_seconds": t_attr, "ranking_object": rk}

@@ -17,6 +17,11 @@ that influence is |A| row-normalised, so it is unsigned (cannot say which way to
 with a tiny activation can rank first; the signed total effect equals the ablation effect in the
 linearised replacement model. Features nearly silent on the prompts they will be applied to
 (active on fewer than ``min_active_frac`` of them) are excluded from selection in every mode.
+
+Optionally (``min_activation_cv`` > 0) so are *prompt-invariant* features: those whose per-prompt max activation
+barely varies over the ranking prompts (coefficient of variation below the threshold). On a chat model these read
+the fixed chat template (the same activation on every request): their linearised effect on the decision can be
+large, but steering them edits the template itself and degrades every output (the SmolLM2 realbed, session 16).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Ranking:
     eligible: torch.Tensor                # [L, d_t] bool: active often enough on application prompts
     influence_score: str
     min_active_frac: float
+    min_activation_cv: float = 0.0
 
     def order(self, mode: str) -> list[tuple[int, int]]:
         s = self.scores[mode]
@@ -85,7 +91,9 @@ class Ranking:
         order = self.order(mode)
         if not order:
             raise ValueError(f"no eligible feature for mode {mode}: every feature is active on fewer than "
-                             f"{self.min_active_frac:.0%} of the application prompts")
+                             f"{self.min_active_frac:.0%} of the application prompts"
+                             + (f" or varies less than {self.min_activation_cv} (coefficient of variation) over "
+                                f"the ranking prompts" if self.min_activation_cv > 0 else ""))
         return order[:k]
 
     def steer_sign(self, mode: str, feat: tuple[int, int], sign_from: str = "score") -> int:
@@ -123,15 +131,22 @@ class Ranking:
                     "influence_score": self.influence_score,
                     "activation": "per-prompt max over positions (position 0 excluded), mean over prompts",
                     "order": "activation modes by score, influence modes by |score|",
-                    "min_active_frac": self.min_active_frac},
+                    "min_active_frac": self.min_active_frac,
+                    "activation_cv": "std / mean of the per-prompt max activation over harmful, benign and "
+                                     "boundary ranking prompts (0 where never active)",
+                    "min_activation_cv": self.min_activation_cv},
                 "top": {m: [list(f) for f in self.order(m)[:top_n]] for m in MODES},
                 "features": rows}
 
 
 def rank(act_harmful: torch.Tensor, act_benign: torch.Tensor, act_boundary: torch.Tensor,
          eff_harmful: torch.Tensor, eff_benign: torch.Tensor, eff_boundary: torch.Tensor,
-         act_apply: torch.Tensor, influence_score: str = "total", min_active_frac: float = 0.25) -> Ranking:
-    """All four modes from [n, L, d_t] activation and effect tensors; ``act_apply`` = prompts steered later."""
+         act_apply: torch.Tensor, influence_score: str = "total", min_active_frac: float = 0.25,
+         min_activation_cv: float = 0.0) -> Ranking:
+    """All four modes from [n, L, d_t] activation and effect tensors; ``act_apply`` = prompts steered later.
+    ``min_activation_cv`` > 0 also excludes prompt-invariant features (see the module docstring)."""
+    if min_activation_cv < 0:
+        raise ValueError(f"min_activation_cv must be >= 0, got {min_activation_cv}")
     for name, t in (("harmful activations", act_harmful), ("benign activations", act_benign),
                     ("boundary activations", act_boundary), ("boundary effects", eff_boundary)):
         if t.shape[0] == 0:
@@ -147,10 +162,14 @@ def rank(act_harmful: torch.Tensor, act_benign: torch.Tensor, act_boundary: torc
         "influence_cross_group": eff_harmful.mean(0) - eff_benign.mean(0),
         "influence_boundary": eff_boundary.mean(0),
     }
+    acts = torch.cat([act_harmful, act_benign, act_boundary])
+    mean = acts.mean(0)
+    cv = torch.where(mean > 0, acts.std(0, correction=0) / mean.clamp_min(1e-12), torch.zeros_like(mean))
     active = act_apply.clone()
     active[active <= 0] = float("nan")
     extras = {"active_frac_apply": active_frac,
               "typical_activation": torch.nan_to_num(active.nanmean(0), nan=0.0),
               "act_harmful": act_harmful.mean(0), "act_benign": act_benign.mean(0),
-              "effect_harmful": eff_harmful.mean(0), "effect_benign": eff_benign.mean(0)}
-    return Ranking(scores, extras, active_frac >= min_active_frac, influence_score, min_active_frac)
+              "effect_harmful": eff_harmful.mean(0), "effect_benign": eff_benign.mean(0), "activation_cv": cv}
+    eligible = (active_frac >= min_active_frac) & (cv >= min_activation_cv)
+    return Ranking(scores, extras, eligible, influence_score, min_active_frac, min_activation_cv)

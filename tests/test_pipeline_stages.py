@@ -147,6 +147,30 @@ def test_ranking_modes_and_silent_features():
         ranking.rank(act_h[:0], act_b, act_bd, z, z, eff_bd, apply)
 
 
+def test_ranking_can_leave_out_prompt_invariant_features():
+    """A chat-template feature (the same max activation on every prompt) with the largest effect wins the influence
+    ranking by default and is left out with min_activation_cv > 0; the prompt-dependent lever is picked instead."""
+    L, d = 1, 3
+    z = torch.zeros(4, L, d)
+    act = z.clone()
+    act[:, 0, 0] = 5.0                                      # template feature: identical on every prompt
+    act[:, 0, 1] = torch.tensor([0.5, 2.0, 1.0, 3.0])       # request-dependent feature
+    eff = z.clone()
+    eff[:, 0, 0] = 3.0
+    eff[:, 0, 1] = -1.0
+    rk = ranking.rank(act, act, act, eff, eff, eff, act)
+    assert rk.top("influence_boundary") == [(0, 0)] and float(rk.extras["activation_cv"][0, 0]) == 0.0
+    cv1 = float(torch.tensor([0.5, 2.0, 1.0, 3.0]).std(correction=0) / 1.625)
+    assert abs(float(rk.extras["activation_cv"][0, 1]) - cv1) < 1e-6
+    rk2 = ranking.rank(act, act, act, eff, eff, eff, act, min_activation_cv=0.05)
+    assert rk2.top("influence_boundary") == [(0, 1)] and rk2.top("activation_boundary") == [(0, 1)]
+    assert rk2.to_json()["definition"]["min_activation_cv"] == 0.05
+    with pytest.raises(ValueError, match="varies less than 0.9"):
+        ranking.rank(act, act, act, eff, eff, eff, act, min_activation_cv=0.9).top("influence_boundary")
+    with pytest.raises(ValueError, match="min_activation_cv must be >= 0"):
+        ranking.rank(act, act, act, eff, eff, eff, act, min_activation_cv=-1)
+
+
 def test_mcnemar_and_wilson_known_values():
     # b=0 lost, c=6 gained: two-sided exact p = 2 * 0.5**6
     p, b, c = mcnemar_exact([False] * 6 + [True] * 4, [True] * 10)
