@@ -187,8 +187,9 @@ class RealbedConfig:
                    # a prompt here, ~70 prompts), 4 strengths, 40 MMLU items + 32 held-out passages per capability
                    # check. 0.5x and 1x: with the language-modelling check every mode's 2x already raised held-out
                    # NLL by more than 0.1 nats/token (+0.11 to +8.3, session 5), so [2, 8] left nothing preserved.
-                   # every boundary-critical prompt (80 under the extended set at seed 0): 40 rank, 40 evaluate;
-                   # with 24 evaluation prompts the modes' Wilson intervals overlapped
+                   # every boundary-critical prompt, up to 80 (67 on the session-10 build, 25 on this preset's:
+                   # 12 rank, 13 evaluate; bench_realbed_ablation.py loosens the thresholds for power); with 24
+                   # evaluation prompts the session-6 build's modes' Wilson intervals overlapped
                    # sign_from "boundary" (session 8): with the contrast's own sign the cross-group influence mode
                    # suppressed a compliance feature on the session-8 CLT (ASR 0.00, refusal 0.97)
                    ablation={"influence_path": "grad", "strengths": [0.5, 1.0, 2.0, 8.0], "bundle_sizes": [3],
