@@ -19,6 +19,14 @@ Session 10 (session-10 build, 2 threads, 1,843 s): the full 576 steps,
 
 held-out NMSE mean 0.348 (total 0.205), L0 11.9, dead 16 % against the built ReLU-gradient CLT's 0.351 (0.203),
 L0 4.2, dead 22 %: the L0 collapse is not what holds the NMSE at ~0.35.
+
+Session 16 (session-15 build, 2 threads, 3,456 s): twice the tokens (1,152 steps; chunks are collected as
+training reaches them, so twice the distinct tokens as well)
+
+    python benchmarks/bench_clt_variant.py tok2x '{"total_tokens": 1179648}' --threads 2
+
+held-out NMSE mean 0.339 (total 0.195), L0 3.6, dead 33 % against the built CLT's 0.358 (0.209): NMSE ~
+tokens^-0.079, so 0.25 would need ~90x the default's tokens.
 """
 
 from __future__ import annotations
