@@ -10,7 +10,9 @@ wall time). Records hold metrics and at most 60-character excerpts, never full c
 
 Session 16 (combo30 build, 25 boundary-critical prompts at the stage's 0.2 / 0.2 thresholds, i.e. 12 rank / 13
 evaluate): ``loose10`` = ``{"min_refuse": 0.1, "min_comply": 0.1}`` keeps 44 (22 / 22) -- the prompts still put
-at least 10 % on a refusal and on a compliance opener. Numbers in the results README.
+at least 10 % on a refusal and on a compliance opener; ``loose10cv`` adds ``"min_activation_cv": 0.05`` (leaves
+out chat-template features), ``loose10cv_seed1`` also ``"seed": 1`` (another rank/eval split). Numbers in the
+README ("Ablation on the current build") and the results README.
 """
 
 from __future__ import annotations
