@@ -5,7 +5,8 @@ StrongREJECT test 100) against over-refusal on all 200 held-out AlpacaEval test 
 100 no build stage reads), each with its Wilson 95 % interval. Sources, all in ``benchmarks/results/smollm2_safety``:
 
   * the build (``tuned``) and the untuned model (``base``): ``realbed_<size>_seed<seed>.json`` (refusal) and
-    ``overrefusal_<size>_seed<seed>.json`` (over-refusal);
+    ``overrefusal_<size>_seed<seed>.json`` (over-refusal; "tuned" rows in other over-refusal records describe
+    the build current when they were made and are skipped);
   * a recipe variant NAME: ``sft_variant_<size>_seed<seed>_NAME.json`` (``bench_sft_variant.py NAME ...
     --measure-only``) and any ``overrefusal_<size>_seed<seed>*.json`` with rows for model NAME
     (``bench_overrefusal_splits.py --models --variant NAME <dir>``); a variant lacking either is listed, not drawn;
@@ -43,9 +44,13 @@ def _json(path: Path) -> dict:
 def over_refusal_rows(results: Path, size: str, seed: int) -> dict[str, dict[str, tuple[int, int]]]:
     """model -> {"measured": (k, n), "unread": (k, n)} over the two halves of the AlpacaEval test split."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
+    own = results / f"overrefusal_{size}_seed{seed}.json"
     for f in sorted(glob.glob(str(results / f"overrefusal_{size}_seed{seed}*.json"))):
         for r in json.loads(Path(f).read_text()).get("rows", []):
             if r.get("tokens") != 48:
+                continue
+            # "tuned" is whichever build was current when a record was made: only the build's own record counts
+            if r["model"] == "tuned" and Path(f) != own:
                 continue
             half = "measured" if "(measured)" in r["pool"] else "unread" if "(never read)" in r["pool"] else None
             if half is None:

@@ -504,6 +504,8 @@ def test_sft_frontier_pools_both_test_halves_and_flags_the_target(tmp_path):
     (tmp_path / "overrefusal_default_seed0.json").write_text(json.dumps(
         {"rows": rows("base", 2, 8) + rows("tuned", 16, 10)}))
     (tmp_path / "overrefusal_default_seed0_good.json").write_text(json.dumps({"rows": rows("good", 12, 7, 90)}))
+    # an older record's "tuned" rows describe the build current then: skipped, the build's own record counts
+    (tmp_path / "overrefusal_default_seed0_old.json").write_text(json.dumps({"rows": rows("tuned", 30, 30)}))
 
     def variant(name, hb, sr):
         (tmp_path / f"sft_variant_default_seed0_{name}.json").write_text(json.dumps(
