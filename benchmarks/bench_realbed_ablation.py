@@ -65,14 +65,16 @@ def main(argv: list[str] | None = None) -> dict:
     res = run_ablation(ctx.tuned(), load_transcoder(src / "clt" / "transcoder"), acfg, run_dir,
                        cache_key=realbed.ablation_cache_key(bed.config), progress=True,
                        ppl_texts=realbed.heldout_passages(bed.config))
-    dest = Path(args.results) / f"ablation_{args.size}_seed{args.seed}_{args.name}"
+    # named after the build it ran on (``--out`` may name another build than --size / --seed would)
+    size, seed = bed.config.size, bed.config.seed
+    dest = Path(args.results) / f"ablation_{size}_seed{seed}_{args.name}"
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         if (run_dir / f).exists():
             shutil.copyfile(run_dir / f, dest / f)
     record = {"command": "python benchmarks/bench_realbed_ablation.py "
                          + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "name": args.name, "overrides": overrides, "realbed": str(src), "size": args.size, "seed": args.seed,
+              "name": args.name, "overrides": overrides, "realbed": str(src), "size": size, "seed": seed,
               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t0,
               "n_rank_prompts": res["n_rank_prompts"], "n_eval_boundary": res["n_eval_boundary"]}
     runs.write_json(dest / "variant.json", record)

@@ -445,7 +445,7 @@ def test_ablation_variant_benchmark_overrides_the_stage_config_and_copies_its_re
     assert seen["ppl_texts"] == realbed.heldout_passages(bed.config)
     assert seen["run_dir"] == out / "ablation_variants" / "loose" and not (out / "ablation").exists()
     assert seen["cache_key"] == realbed.ablation_cache_key(bed.config)
-    dest = tmp_path / "ablation_small_seed0_loose"
+    dest = tmp_path / "ablation_test_seed0_loose"     # the build's size, not --size
     assert (dest / "ablation.md").read_text() == "table"
     saved = json.loads((dest / "variant.json").read_text())
     assert saved["overrides"] == {"min_refuse": 0.1, "n_plain": 3} and saved["n_eval_boundary"] == 4 == rec["n_eval_boundary"]
