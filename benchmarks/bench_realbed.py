@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -185,11 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
               "config": bed.config.to_dict(), "error": error, **collect(bed)}
     stem = Path(args.results) / f"realbed_{args.size}_seed{args.seed}"
     if "ablation" in bed.done:  # the table, sweep and bundle results with their figures (metrics + short excerpts)
-        dest = Path(args.results) / f"ablation_{args.size}_seed{args.seed}"
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in ("ablation.md", "ablation.json", "boundary.json", "scatter.png", "sweep.png", "layers.png"):
-            if (bed.out_dir / "ablation" / f).exists():
-                shutil.copyfile(bed.out_dir / "ablation" / f, dest / f)
+        dest = realbed.copy_ablation_records(bed.out_dir / "ablation",
+                                             Path(args.results) / f"ablation_{args.size}_seed{args.seed}")
         result["ablation_files"] = str(dest.relative_to(RESULTS.parents[2])) \
             if dest.is_relative_to(RESULTS.parents[2]) else str(dest)
     runs.write_json(stem.with_suffix(".json"), result)

@@ -21,7 +21,6 @@ import argparse
 import json
 import re
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from crafttrace import realbed, runs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_safety"
-FILES = ("ablation.md", "ablation.json", "boundary.json", "scatter.png", "sweep.png", "layers.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,11 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                        ppl_texts=realbed.heldout_passages(bed.config))
     # named after the build it ran on (``--out`` may name another build than --size / --seed would)
     size, seed = bed.config.size, bed.config.seed
-    dest = Path(args.results) / f"ablation_{size}_seed{seed}_{args.name}"
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in FILES:
-        if (run_dir / f).exists():
-            shutil.copyfile(run_dir / f, dest / f)
+    dest = realbed.copy_ablation_records(run_dir, Path(args.results) / f"ablation_{size}_seed{seed}_{args.name}")
     record = {"command": "python benchmarks/bench_realbed_ablation.py "
                          + shlex.join(argv if argv is not None else sys.argv[1:]),
               "name": args.name, "overrides": overrides, "realbed": str(src), "size": size, "seed": seed,

@@ -583,6 +583,22 @@ def ablation_config(cfg: RealbedConfig, overrides: dict[str, Any] | None = None)
                                      **cfg.ablation, **(overrides or {})})
 
 
+# what a benchmark copies from an ablation run directory into benchmarks/results (metrics, <= 60-character
+# excerpts, figures; ranking.json holds every top feature's scores and activation statistics)
+ABLATION_RECORDS = ("ablation.md", "ablation.json", "boundary.json", "ranking.json", "scatter.png", "sweep.png",
+                    "layers.png")
+
+
+def copy_ablation_records(run_dir: str | Path, dest: str | Path) -> Path:
+    """Copy an ablation run's ``ABLATION_RECORDS`` that exist into ``dest`` (created); returns ``dest``."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ABLATION_RECORDS:
+        if (run_dir / f).exists():
+            shutil.copyfile(run_dir / f, dest / f)
+    return dest
+
+
 def ablation_cache_key(cfg: RealbedConfig) -> str:
     """Keys the ablation's cached feature effects to this build's tuned model and CLT."""
     return runs.content_hash("realbed", _stage_keys(cfg)["clt"])

@@ -433,6 +433,7 @@ def test_ablation_variant_benchmark_overrides_the_stage_config_and_copies_its_re
         seen.update(cfg=cfg, run_dir=run_dir, cache_key=cache_key, ppl_texts=ppl_texts)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ablation.md").write_text("table")
+        (run_dir / "ranking.json").write_text("{}")
         return {"n_rank_prompts": 3, "n_eval_boundary": 4}
 
     monkeypatch.setattr(ablation, "run_ablation", fake_run)
@@ -446,7 +447,7 @@ def test_ablation_variant_benchmark_overrides_the_stage_config_and_copies_its_re
     assert seen["run_dir"] == out / "ablation_variants" / "loose" and not (out / "ablation").exists()
     assert seen["cache_key"] == realbed.ablation_cache_key(bed.config)
     dest = tmp_path / "ablation_test_seed0_loose"     # the build's size, not --size
-    assert (dest / "ablation.md").read_text() == "table"
+    assert (dest / "ablation.md").read_text() == "table" and (dest / "ranking.json").exists()
     saved = json.loads((dest / "variant.json").read_text())
     assert saved["overrides"] == {"min_refuse": 0.1, "n_plain": 3} and saved["n_eval_boundary"] == 4 == rec["n_eval_boundary"]
     with pytest.raises(ValueError, match=r"unknown ablation config keys: \['min_refus'\]"):
@@ -455,6 +456,23 @@ def test_ablation_variant_benchmark_overrides_the_stage_config_and_copies_its_re
         bench.main(["x", "[0.1]", "--out", str(out), "--results", str(tmp_path)])
     with pytest.raises(SystemExit, match="letters, digits"):
         bench.main(["../x", "{}", "--out", str(out), "--results", str(tmp_path)])
+
+
+def test_template_feature_picks_follow_the_cv_threshold():
+    """inspect_template_features: each mode's first eligible feature at or above the threshold, from ranking rows."""
+    bench = _benchmark("inspect_template_features")
+
+    def row(layer, index, cv, rank, eligible=True):
+        return {"layer": layer, "index": index, "eligible": eligible, "activation_cv": cv,
+                **{f"rank_{m}": rank for m in ("activation_cross_group", "activation_boundary",
+                                               "influence_cross_group", "influence_boundary")}}
+
+    doc = {"features": [row(0, 1, 0.0, 0), row(3, 2, 0.04, 1), row(9, 3, 0.27, 2), row(5, 5, 0.9, 3, False)]}
+    got = bench.picks(doc, (0.0, 0.03, 0.05, 0.3))
+    assert [got[t]["influence_boundary"] for t in (0.0, 0.03, 0.05, 0.3)] == \
+        [(0, 1, 0.0), (3, 2, 0.04), (9, 3, 0.27), None]
+    with pytest.raises(SystemExit, match="predates activation_cv"):
+        bench.picks({"features": [{"eligible": True}]})
 
 
 def test_refusal_ceiling_oracle_column_and_probe_rows():
